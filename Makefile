@@ -1,0 +1,63 @@
+# Everything a fresh Debian 12 machine (as root) needs, then the two jobs from the README.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+# The RPC backend is off in llama-cpp-python's default build; every host needs the same build so that the
+# RPC protocol versions match. The wheelhouse outlives clones so the 3-minute build happens once per machine.
+LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
+WHEELHOUSE ?= $(HOME)/.cache/llmfleet/wheelhouse/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)-rpc
+APT_PACKAGES := python3 python3-venv python3-dev build-essential cmake git curl ca-certificates \
+	openssh-client iproute2 nftables systemd-container debootstrap rsync
+
+.PHONY: help system-packages wheelhouse install demo demo-down test lint unit
+
+help:
+	@echo "make demo   install everything and run the service on a local cluster"
+	@echo "make test   install everything and run linters and the whole test suite"
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+
+wheelhouse: $(BIN)/python
+	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "Building llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) with $(LLAMA_CMAKE_ARGS) (a few minutes)"; \
+	  mkdir -p $(WHEELHOUSE); \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(BIN)/pip wheel --no-deps --no-binary llama-cpp-python --no-cache-dir \
+	    "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)" -w $(WHEELHOUSE).tmp; \
+	  mv $(WHEELHOUSE).tmp/*.whl $(WHEELHOUSE)/ && rmdir $(WHEELHOUSE).tmp; \
+	fi
+
+install: system-packages wheelhouse
+	$(BIN)/pip install -q --find-links $(WHEELHOUSE) -e '.[dev]'
+	$(BIN)/python -m inference check-build
+
+demo: install
+	$(BIN)/python -m inference demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/yamllint -s .
+	$(BIN)/ansible-lint
+
+unit: install
+	$(BIN)/pytest -m "not cluster"
+
+test: lint
+	$(BIN)/pytest
