@@ -1,9 +1,15 @@
-"""Command line: parses arguments and hands them to the command's own module."""
+"""Command line of the inference service: parses arguments, builds the config, runs the command."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
+
+from inference import config as config_module
+from inference import worker as worker_module
+from inference.worker import ConfigError
 
 
 def _check_build(_args: argparse.Namespace) -> int:
@@ -14,18 +20,100 @@ def _check_build(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    config = worker_module.WorkerConfig(
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+        allow_remote=args.allow_remote,
+    )
+    worker_module.run(config)
+    return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from inference import server
+
+    config = config_module.ServeConfig(
+        model=args.model,
+        rpc=tuple(config_module.parse_endpoints(args.rpc)) if args.rpc else (),
+        split=args.split,
+        tensor_split=tuple(config_module.parse_floats(args.tensor_split, "--tensor-split"))
+        if args.tensor_split
+        else (),
+        ctx=args.ctx,
+        parallel=args.parallel,
+        experts_used=args.experts_used,
+        api_key_file=args.api_key_file,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        threads=args.threads,
+        batch=args.batch,
+        ubatch=args.ubatch,
+        queue_size=args.queue_size,
+        flash_attn=args.flash_attn,
+        gpu_layers=args.gpu_layers,
+        model_alias=args.alias,
+    ).validated()
+    asyncio.run(server.serve(config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
+
     check = sub.add_parser("check-build", help="verify llama-cpp-python was built with the RPC backend")
     check.set_defaults(func=_check_build)
+
+    w = sub.add_parser("worker", help="serve this machine's ggml device over llama.cpp RPC")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    w.add_argument("--port", type=int, default=worker_module.DEFAULT_PORT)
+    w.add_argument("--threads", type=int, default=0, help="compute threads (default: every usable core)")
+    w.add_argument("--cache-dir", help="directory for llama.cpp's tensor cache (speeds up model reloads)")
+    w.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --host; RPC has no authentication, so firewall the port to the head",
+    )
+    w.set_defaults(func=_worker)
+
+    s = sub.add_parser("serve", help="load a GGUF model (optionally sharded over RPC workers) and serve it")
+    s.add_argument("--model", required=True, help="path of the .gguf file")
+    s.add_argument("--rpc", help="RPC workers as host:port,host:port")
+    s.add_argument("--split", default="layer", choices=config_module.SPLIT_MODES)
+    s.add_argument("--tensor-split", help="relative share of the model per device, e.g. 1,1,2")
+    s.add_argument("--ctx", type=int, default=32768, help="KV cache size in tokens, shared by --parallel")
+    s.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
+    s.add_argument("--experts-used", type=int, help="override the model's number of experts used per token")
+    s.add_argument("--api-key-file", help="file holding the bearer API key clients must send")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=config_module.DEFAULT_PORT)
+    s.add_argument("--metrics-port", type=int, help="also serve /metrics alone on this port")
+    s.add_argument("--threads", type=int, default=0, help="compute threads (default: every usable core)")
+    s.add_argument("--batch", type=int, default=2048, help="most tokens in one decode step")
+    s.add_argument("--ubatch", type=int, default=512, help="physical batch size")
+    s.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a free sequence")
+    s.add_argument("--flash-attn", default="auto", choices=config_module.FLASH_ATTN_MODES)
+    s.add_argument("--gpu-layers", type=int, default=999, help="layers offloaded to GPUs and RPC devices")
+    s.add_argument("--alias", help="model name in the API (default: the file name without .gguf)")
+    s.set_defaults(func=_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""Validated settings of the serving head. The CLI builds a ServeConfig; everything else reads it."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field, replace
+
+from inference.worker import ConfigError, usable_cpus
+
+SPLIT_MODES = ("layer", "tensor", "none")
+FLASH_ATTN_MODES = ("auto", "on", "off")
+DEFAULT_PORT = 8080
+GGUF_MAGIC = b"GGUF"
+MAX_PARALLEL = 64
+
+
+def parse_endpoints(text: str) -> list[str]:
+    """``host:port,host:port`` -> endpoints; IPv6 hosts in brackets."""
+    endpoints = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--rpc entry {item!r} is not host:port (for example 10.0.0.11:50052)")
+        endpoints.append(item)
+    return endpoints
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{option} {text!r} must be comma-separated numbers, for example 1,1,2") from exc
+    if not values or any(v < 0 for v in values) or sum(values) <= 0:
+        raise ConfigError(f"{option} {text!r} needs non-negative weights with a positive sum")
+    return values
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str
+    rpc: tuple[str, ...] = ()
+    split: str = "layer"
+    tensor_split: tuple[float, ...] = ()
+    ctx: int = 32768
+    parallel: int = 4
+    experts_used: int | None = None
+    api_key_file: str | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    metrics_port: int | None = None
+    threads: int = 0
+    batch: int = 2048
+    ubatch: int = 512
+    queue_size: int = 64
+    flash_attn: str = "auto"
+    gpu_layers: int = 999
+    model_alias: str | None = None
+    retry_after: int = 5
+    worker_probe_interval: float = 5.0
+    api_key: str | None = field(default=None, repr=False)
+
+    def validated(self) -> ServeConfig:
+        path = pathlib.Path(self.model)
+        if not path.is_file():
+            raise ConfigError(f"--model {self.model}: no such file; give the path of a .gguf model")
+        with path.open("rb") as fh:
+            if fh.read(4) != GGUF_MAGIC:
+                raise ConfigError(f"--model {self.model} is not a GGUF file (it lacks the GGUF magic)")
+        if self.split not in SPLIT_MODES:
+            raise ConfigError(f"--split {self.split!r} is not one of {', '.join(SPLIT_MODES)}")
+        if self.flash_attn not in FLASH_ATTN_MODES:
+            raise ConfigError(f"--flash-attn {self.flash_attn!r} is not one of {', '.join(FLASH_ATTN_MODES)}")
+        if self.split == "tensor" and self.flash_attn == "off":
+            raise ConfigError("--split tensor needs flash attention; drop --flash-attn off")
+        if self.ctx < 64:
+            raise ConfigError(f"--ctx {self.ctx} is too small; use at least 64 tokens")
+        if not 1 <= self.parallel <= MAX_PARALLEL:
+            raise ConfigError(f"--parallel {self.parallel} must be between 1 and {MAX_PARALLEL}")
+        if self.ctx // self.parallel < 32:
+            raise ConfigError(
+                f"--ctx {self.ctx} leaves {self.ctx // self.parallel} tokens to each of --parallel "
+                f"{self.parallel} sequences; raise --ctx or lower --parallel"
+            )
+        if self.experts_used is not None and self.experts_used < 1:
+            raise ConfigError(f"--experts-used {self.experts_used} must be at least 1")
+        if self.queue_size < 0:
+            raise ConfigError(f"--queue-size {self.queue_size} must be 0 or more")
+        if not 1 <= self.ubatch <= self.batch:
+            raise ConfigError(f"--ubatch {self.ubatch} must be between 1 and --batch {self.batch}")
+        for option, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
+            if port is not None and not 0 <= port < 65536:
+                raise ConfigError(f"{option} {port} is not a TCP port; use 1-65535 (0 picks a free one)")
+        if self.tensor_split and self.rpc and len(self.tensor_split) < len(self.rpc):
+            raise ConfigError(
+                f"--tensor-split has {len(self.tensor_split)} weights for {len(self.rpc)} RPC workers; "
+                "give one weight per device"
+            )
+        api_key = self.api_key
+        if self.api_key_file:
+            try:
+                api_key = pathlib.Path(self.api_key_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"--api-key-file {self.api_key_file} cannot be read: {exc.strerror}"
+                ) from exc
+            if not api_key:
+                raise ConfigError(
+                    f"--api-key-file {self.api_key_file} is empty; put the key on its first line"
+                )
+        return replace(
+            self,
+            model=str(path.resolve()),
+            threads=self.threads or usable_cpus(),
+            api_key=api_key,
+            model_alias=self.model_alias or path.name.removesuffix(".gguf"),
+        )
+
+    @property
+    def ctx_per_sequence(self) -> int:
+        return self.ctx // self.parallel

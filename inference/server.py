@@ -1,0 +1,333 @@
+"""The HTTP front of the head: OpenAI-compatible API, /health and /metrics, over aiohttp.
+
+The front never touches the weights: it tokenizes with a vocabulary-only load of the model and hands token
+ids to the supervised engine process, so it stays up while the engine restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from inference import api
+from inference.api import ApiError, GenerationRequest
+from inference.config import ServeConfig
+from inference.metrics import Metrics
+from inference.supervisor import QueueFull, Supervisor, Unavailable
+from inference.tokenizer import TemplateError, TextStream, Tokenizer
+
+log = logging.getLogger("inference.server")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+METRICS = web.AppKey("metrics", Metrics)
+TOKENIZER = web.AppKey("tokenizer", Tokenizer)
+CONFIG = web.AppKey("config", ServeConfig)
+
+
+def _json(status: int, body: dict, headers: dict | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler):
+    metrics = request.app[METRICS]
+    endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = _json(exc.status, exc.body(), exc.headers)
+    except web.HTTPException as exc:
+        kind = "invalid_request_error"
+        message = {404: "no such endpoint", 405: "method not allowed for this endpoint"}.get(
+            exc.status, exc.reason
+        )
+        if exc.status == 413:
+            message = f"request body is larger than {MAX_BODY_BYTES} bytes"
+        response = _json(
+            exc.status, {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        )
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        response = _json(
+            500,
+            {
+                "error": {
+                    "message": "internal error; see the server log",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+        )
+    metrics.requests.labels(endpoint, str(response.status)).inc()
+    return response
+
+
+def _check_key(request: web.Request) -> None:
+    key = request.app[CONFIG].api_key
+    if not key:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(
+            401,
+            "missing or incorrect API key; send it as 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+
+
+async def _read_json(request: web.Request):
+    try:
+        return await request.json(loads=json.loads)
+    except json.JSONDecodeError as exc:
+        raise api.invalid(
+            "body", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise api.invalid("body", "the body is not UTF-8 text") from exc
+
+
+async def models(request: web.Request) -> web.Response:
+    _check_key(request)
+    config, tokenizer = request.app[CONFIG], request.app[TOKENIZER]
+    return _json(
+        200,
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_alias,
+                    "object": "model",
+                    "created": int(request.app["started"]),
+                    "owned_by": "llmfleet",
+                    "meta": {
+                        "n_ctx": config.ctx,
+                        "n_ctx_per_sequence": config.ctx_per_sequence,
+                        "n_ctx_train": tokenizer.n_ctx_train,
+                        "n_vocab": tokenizer.n_vocab,
+                        "parallel": config.parallel,
+                        "split": config.split,
+                        "rpc_workers": list(config.rpc),
+                    },
+                }
+            ],
+        },
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    body = request.app[SUPERVISOR].health()
+    return _json(200 if body["status"] == "ok" else 503, body)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    output = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    _check_key(request)
+    tokenizer = request.app[TOKENIZER]
+    body = await _read_json(request)
+    req = api.parse_completion(body, request.app[CONFIG].model_alias, tokenizer.n_vocab)
+    tokens = req.prompt_tokens if req.prompt_tokens is not None else tokenizer.tokenize(req.prompt_text)
+    return await _generate(request, req, tokens, "prompt")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    _check_key(request)
+    tokenizer = request.app[TOKENIZER]
+    body = await _read_json(request)
+    req, messages = api.parse_chat(body, request.app[CONFIG].model_alias)
+    try:
+        text = tokenizer.render_chat(messages)
+    except TemplateError as exc:
+        raise api.invalid("messages", str(exc)) from exc
+    tokens = tokenizer.tokenize(text, add_special=False)
+    return await _generate(request, req, tokens, "messages")
+
+
+async def _generate(request: web.Request, req: GenerationRequest, tokens: list[int], prompt_field: str):
+    config = request.app[CONFIG]
+    limit = config.ctx_per_sequence
+    if not tokens:
+        raise api.invalid(prompt_field, "the prompt is empty")
+    if len(tokens) >= limit:
+        raise api.invalid(
+            prompt_field,
+            f"the prompt has {len(tokens)} tokens; the context per sequence is {limit} "
+            f"(--ctx {config.ctx} / --parallel {config.parallel}); shorten the prompt",
+            code="context_length_exceeded",
+        )
+    room = limit - len(tokens)
+    if req.max_tokens is not None and req.max_tokens > room:
+        name = "max_tokens"
+        raise api.invalid(
+            name,
+            f"{req.max_tokens} tokens plus the {len(tokens)}-token prompt exceed the {limit}-token context "
+            f"per sequence; ask for at most {room}",
+            code="context_length_exceeded",
+        )
+    supervisor = request.app[SUPERVISOR]
+    try:
+        job = supervisor.submit(tokens, req.sampling_params(req.max_tokens or room))
+    except Unavailable as exc:
+        raise ApiError(
+            503,
+            f"the model is not available: {exc}",
+            kind="server_error",
+            code="engine_unavailable",
+            headers={"Retry-After": str(config.retry_after)},
+        ) from exc
+    except QueueFull as exc:
+        raise ApiError(
+            503,
+            f"the server is at capacity ({exc}); retry later",
+            kind="server_error",
+            code="queue_full",
+            headers={"Retry-After": str(config.retry_after)},
+        ) from exc
+    text = TextStream(request.app[TOKENIZER], req.stop)
+    try:
+        if req.stream:
+            return await _stream(request, req, job, text, len(tokens))
+        return await _collect(request, req, job, text, len(tokens))
+    finally:
+        supervisor.cancel(job)
+
+
+async def _events(request: web.Request, job, text: TextStream):
+    """Yields ("text", str) pieces, then ("finish", reason) or ("error", message)."""
+    supervisor = request.app[SUPERVISOR]
+    while True:
+        kind, value = await job.events.get()
+        if kind == "token":
+            piece = text.push(value)
+            if text.stopped:
+                supervisor.cancel(job)
+                if piece:
+                    yield "text", piece
+                yield "finish", "stop"
+                return
+            if piece:
+                yield "text", piece
+        elif kind == "finish":
+            tail = text.finish()
+            if tail:
+                yield "text", tail
+            yield "finish", value
+            return
+        else:
+            yield "error", value
+            return
+
+
+async def _collect(request, req: GenerationRequest, job, text: TextStream, prompt_n: int) -> web.Response:
+    pieces = []
+    async for kind, value in _events(request, job, text):
+        if kind == "text":
+            pieces.append(value)
+        elif kind == "finish":
+            body = api.completion_body(req, "".join(pieces), value, prompt_n, job.generated)
+            return _json(200, body)
+        else:
+            raise ApiError(503, value, kind="server_error", code="engine_failed")
+    raise AssertionError("event stream ended without a finish")
+
+
+async def _stream(request: web.Request, req: GenerationRequest, job, text: TextStream, prompt_n: int):
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+
+    async def send(payload: dict | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+        await response.write(f"data: {data}\n\n".encode())
+
+    try:
+        if req.kind == "chat":
+            await send(api.chunk_body(req, "", None, role=True))
+        async for kind, value in _events(request, job, text):
+            if kind == "text":
+                await send(api.chunk_body(req, value, None))
+            elif kind == "finish":
+                await send(api.chunk_body(req, None if req.kind == "chat" else "", value))
+                if req.include_usage:
+                    await send(api.usage_chunk(req, prompt_n, job.generated))
+                await send("[DONE]")
+            else:
+                error = ApiError(503, value, kind="server_error", code="engine_failed")
+                await send(error.body())
+        await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        log.info("client of %s went away", req.id)
+        raise
+    return response
+
+
+def build_app(config: ServeConfig, registry: CollectorRegistry | None = None) -> web.Application:
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[TOKENIZER] = Tokenizer(config.model)
+    app[SUPERVISOR] = Supervisor(config, metrics)
+    app["started"] = time.time()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_endpoint)
+
+    async def lifecycle(app: web.Application):
+        await app[SUPERVISOR].start()
+        yield
+        await app[SUPERVISOR].close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def metrics_app(app: web.Application) -> web.Application:
+    """A second listener for /metrics alone, for a scrape port that the firewall opens to monitoring only."""
+    side = web.Application()
+    side[METRICS] = app[METRICS]
+    side.router.add_get("/metrics", metrics_endpoint)
+    return side
+
+
+async def serve(config: ServeConfig) -> None:
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    runners = [runner]
+    if config.metrics_port is not None:
+        side = web.AppRunner(metrics_app(app), access_log=None)
+        await side.setup()
+        await web.TCPSite(side, config.host, config.metrics_port).start()
+        runners.append(side)
+    log.info("serving %s on http://%s:%d", config.model_alias, config.host, config.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for r in reversed(runners):
+        await r.cleanup()

@@ -1,0 +1,358 @@
+"""Keeps an engine process running and feeds it requests: admission, the bounded queue, worker loss and recovery.
+
+All methods run on the server's asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import multiprocessing
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from inference import engine as engine_module
+from inference.config import ServeConfig, split_endpoint
+from inference.engine import SamplingParams
+from inference.metrics import Metrics
+from inference.worker import rpc_hello
+
+log = logging.getLogger("inference.supervisor")
+
+HELLO_TIMEOUT = 3.0
+RECOVERY_INTERVAL = 1.0
+
+
+class Unavailable(Exception):
+    """The engine cannot take requests now (loading, or waiting for a lost worker)."""
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    created: float = field(default_factory=time.monotonic)
+    id: int = 0
+    # ("token", id) / ("finish", reason) / ("error", message)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    generated: int = 0
+    finished: bool = False
+
+
+@dataclass
+class WorkerState:
+    endpoint: str
+    up: bool | None = None
+    connected: bool = False
+    version: str | None = None
+    detail: str = ""
+
+
+class Supervisor:
+    def __init__(self, config: ServeConfig, metrics: Metrics):
+        self.config = config
+        self.metrics = metrics
+        self.state = "loading"
+        self.detail = "starting the engine"
+        self.workers = {ep: WorkerState(ep) for ep in config.rpc}
+        self.engine_info: dict = {}
+        self.waiting: deque[Request] = deque()
+        self.active: dict[int, Request] = {}
+        self._ids = itertools.count(1)
+        self._process = None
+        self._conn = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._recovering = False
+        self._closing = False
+        self.ready = asyncio.Event()
+        metrics.set_state(self.state)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.config.rpc:
+            await self._probe_all()
+        if all(w.up for w in self.workers.values()):
+            self._spawn()
+        else:
+            self._enter_degraded("waiting for RPC workers: " + ", ".join(self._down()))
+        self._background(self._watch_workers())
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(("stop",))
+        self._reap(timeout=5.0)
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self.state, self.detail = state, detail
+        self.metrics.set_state(state)
+        if state == "ok":
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+    def _spawn(self) -> None:
+        # ggml would otherwise attach gdb to print a backtrace when a worker is lost, delaying recovery.
+        os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=engine_module.run, args=(self.config, child), name="llmfleet-engine")
+        process.daemon = True
+        process.start()
+        child.close()
+        self._process, self._conn = process, parent
+        self._loop.add_reader(parent.fileno(), self._on_readable)
+        self._set_state("loading", "loading the model")
+        log.info("engine process %d started", process.pid)
+
+    def _reap(self, timeout: float = 0.0) -> int | None:
+        if self._conn is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._conn.fileno())
+            self._conn.close()
+            self._conn = None
+        code = None
+        if self._process is not None:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5.0)
+            code = self._process.exitcode
+            self._process = None
+        return code
+
+    # -- messages from the engine -------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            while self._conn is not None and self._conn.poll():
+                self._handle(self._conn.recv())
+        except (EOFError, OSError):
+            self._engine_lost()
+
+    def _handle(self, message) -> None:
+        kind = message[0]
+        if kind == "step":
+            _, results, (kv_tokens, _active) = message
+            self.metrics.kv_cache_tokens.set(kv_tokens)
+            self.metrics.kv_cache_usage.set(kv_tokens / self.config.ctx)
+            now = time.monotonic()
+            for request_id, token, finish in results:
+                request = self.active.get(request_id)
+                if request is None:
+                    continue
+                if token >= 0:
+                    self._deliver_token(request, token, now)
+                if finish:
+                    if finish.startswith("error:"):
+                        request.events.put_nowait(("error", finish.removeprefix("error:")))
+                    else:
+                        request.events.put_nowait(("finish", finish))
+                    self._finish(request)
+        elif kind == "ready":
+            self.engine_info = message[1]
+            for worker in self.workers.values():
+                worker.connected, worker.up = True, True
+                self.metrics.worker_up.labels(worker.endpoint).set(1)
+            self._set_state("ok", "serving")
+            log.info("engine ready: %s", self.engine_info)
+            self._dispatch()
+        elif kind == "fatal":
+            self.detail = message[1]
+            log.error("engine failed: %s", message[1])
+
+    def _deliver_token(self, request: Request, token: int, now: float) -> None:
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - request.created)
+        else:
+            self.metrics.time_per_output_token.observe(now - request.last_token_at)
+        request.last_token_at = now
+        request.generated += 1
+        self.metrics.completion_tokens.inc()
+        request.events.put_nowait(("token", token))
+
+    def _finish(self, request: Request) -> None:
+        request.finished = True
+        self.active.pop(request.id, None)
+        self.metrics.active_sequences.set(len(self.active))
+        self._dispatch()
+
+    # -- admission ----------------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        if self.state != "ok":
+            raise Unavailable(self.detail)
+        if len(self.active) >= self.config.parallel and len(self.waiting) >= self.config.queue_size:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        request = Request(prompt=prompt, params=params, id=next(self._ids))
+        self.metrics.prompt_tokens.inc(len(prompt))
+        self.waiting.append(request)
+        self._dispatch()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """The client went away or a stop string matched: free the request's sequence."""
+        if request.finished:
+            return
+        request.finished = True
+        if request.id in self.active:
+            del self.active[request.id]
+            if self._conn is not None:
+                with contextlib.suppress(OSError):
+                    self._conn.send(("cancel", request.id))
+            self.metrics.active_sequences.set(len(self.active))
+            self._dispatch()
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(request)
+            self.metrics.queue_depth.set(len(self.waiting))
+
+    def _dispatch(self) -> None:
+        while self.state == "ok" and self.waiting and len(self.active) < self.config.parallel:
+            request = self.waiting.popleft()
+            self.active[request.id] = request
+            try:
+                self._conn.send(("submit", request.id, request.prompt, request.params))
+            except OSError:
+                break
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.active_sequences.set(len(self.active))
+
+    # -- worker loss and recovery -------------------------------------------------------------------------
+    def _engine_lost(self) -> None:
+        code = self._reap()
+        if self._closing:
+            return
+        self.metrics.engine_restarts.inc()
+        self._set_state("degraded", f"engine exited with code {code}")
+        for worker in self.workers.values():
+            worker.connected = False
+        self._background(self._after_loss(code))
+
+    async def _after_loss(self, code: int | None) -> None:
+        await self._probe_all()
+        lost = self._down()
+        if lost:
+            reason = "lost RPC worker " + ", ".join(lost) + "; the engine restarts once it answers again"
+        else:
+            reason = f"the engine process exited with code {code}" + (
+                f" ({self.detail})" if self.detail else ""
+            )
+        log.error("engine down: %s", reason)
+        self._enter_degraded(reason)
+
+    def _enter_degraded(self, reason: str) -> None:
+        self._set_state("degraded", reason)
+        for request in list(self.active.values()) + list(self.waiting):
+            request.events.put_nowait(("error", reason))
+            request.finished = True
+        self.active.clear()
+        self.waiting.clear()
+        self.metrics.active_sequences.set(0)
+        self.metrics.queue_depth.set(0)
+        if not self._recovering:
+            self._recovering = True
+            self._background(self._recover())
+
+    async def _recover(self) -> None:
+        try:
+            while not self._closing:
+                await asyncio.sleep(RECOVERY_INTERVAL)
+                await self._probe_all()
+                down = self._down()
+                if down:
+                    self.detail = "waiting for RPC workers: " + ", ".join(down)
+                    continue
+                log.info("all RPC workers answer; starting a new engine")
+                self._spawn()
+                return
+        finally:
+            self._recovering = False
+
+    def _down(self) -> list[str]:
+        return [w.endpoint for w in self.workers.values() if not w.up]
+
+    async def _probe_all(self) -> None:
+        await asyncio.gather(*(self._probe_hello(w) for w in self.workers.values()))
+
+    async def _probe_hello(self, worker: WorkerState) -> None:
+        host, port = split_endpoint(worker.endpoint)
+        try:
+            version = await asyncio.to_thread(rpc_hello, host, port, HELLO_TIMEOUT)
+        except OSError as exc:
+            worker.up, worker.detail = False, exc.strerror or str(exc)
+        else:
+            worker.up, worker.detail, worker.version = True, "", "{}.{}.{}".format(*version)
+        self.metrics.worker_up.labels(worker.endpoint).set(1 if worker.up else 0)
+
+    async def _watch_workers(self) -> None:
+        """While the engine holds the workers' only connection, a hello would wait; a refused connect means the
+        worker process is gone, and the engine would abort on its next step anyway: restart it now."""
+        while not self._closing:
+            await asyncio.sleep(self.config.worker_probe_interval)
+            if self.state != "ok":
+                continue
+            refused = [
+                w for w in self.workers.values() if await asyncio.to_thread(_connect_refused, w.endpoint)
+            ]
+            for worker in refused:
+                worker.up, worker.connected, worker.detail = False, False, "connection refused"
+                self.metrics.worker_up.labels(worker.endpoint).set(0)
+            if refused and self._process is not None:
+                log.error("RPC worker %s refuses connections; restarting the engine", refused[0].endpoint)
+                self._process.kill()
+
+    def health(self) -> dict:
+        return {
+            "status": self.state,
+            "detail": self.detail,
+            "model": self.config.model_alias,
+            "workers": [
+                {
+                    "endpoint": w.endpoint,
+                    "up": bool(w.up),
+                    "connected": w.connected and self.state == "ok",
+                    "protocol": w.version,
+                    "detail": w.detail,
+                }
+                for w in self.workers.values()
+            ],
+            "slots": {
+                "total": self.config.parallel,
+                "active": len(self.active),
+                "waiting": len(self.waiting),
+            },
+            "engine": self.engine_info if self.state == "ok" else {},
+        }
+
+
+def _connect_refused(endpoint: str) -> bool:
+    host, port = split_endpoint(endpoint)
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError as exc:
+        return exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH)

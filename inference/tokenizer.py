@@ -1,0 +1,156 @@
+"""Tokenizer and chat template of a GGUF model, loaded without its weights.
+
+The server process keeps this so that it can validate prompt lengths and turn tokens into text while the
+engine (which owns the weights and the RPC connections) is down or restarting.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import datetime
+from collections.abc import Iterable
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Used when the GGUF carries no template: ChatML, which Qwen models speak.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def _raise_exception(message: str):
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        import llama_cpp
+
+        self.lc = llama_cpp
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        params.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
+        if not self.model:
+            raise ValueError(f"cannot read the vocabulary of {model_path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}
+        self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self.vocab))
+        source = self.metadata("tokenizer.chat_template") or CHATML_TEMPLATE
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        self.chat_template = env.from_string(source)
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.piece(token, special=True).decode("utf-8", "replace")
+
+    def metadata(self, key: str) -> str | None:
+        size = 1 << 20
+        buffer = ctypes.create_string_buffer(size)
+        n = self.lc.llama_model_meta_val_str(self.model, key.encode(), buffer, size)
+        if n < 0:
+            return None
+        return buffer.raw[:n].decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        while True:
+            out = (self.lc.llama_token * capacity)()
+            n = self.lc.llama_tokenize(self.vocab, data, len(data), out, capacity, add_special, True)
+            if n >= 0:
+                return list(out[:n])
+            capacity = -n
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        cached = self._pieces.get(token) if not special else None
+        if cached is not None:
+            return cached
+        buffer = self._piece_buffer
+        n = self.lc.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = self.lc.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, special)
+        data = buffer.raw[:n]
+        if not special:
+            self._pieces[token] = data
+        return data
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
+
+    def render_chat(self, messages: list[dict], **extra) -> str:
+        try:
+            return self.chat_template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_text,
+                eos_token=self.eos_text,
+                **extra,
+            )
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"the model's chat template failed: {exc}") from exc
+
+
+class TextStream:
+    """Turns generated tokens into text, holding back bytes of an unfinished UTF-8 character and any tail
+    that could still become a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.stop = stop
+        self.held = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Text that is safe to send after this token; sets ``stopped`` when a stop string appeared."""
+        self.held += self.decoder.decode(self.tokenizer.piece(token))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.held += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if not self.stop:
+            out, self.held = self.held, ""
+            return out
+        cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.held = self.held[:cut], ""
+            self.stopped = True
+            return out
+        if final:
+            out, self.held = self.held, ""
+            return out
+        keep = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.held)), 0, -1):
+                if self.held.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(self.held) - keep :]
+        return out
