@@ -126,10 +126,14 @@ class TextStream:
 
     def push(self, token: int) -> str:
         """Text that is safe to send after this token; sets ``stopped`` when a stop string appeared."""
+        if self.stopped:
+            return ""
         self.held += self.decoder.decode(self.tokenizer.piece(token))
         return self._release(final=False)
 
     def finish(self) -> str:
+        if self.stopped:
+            return ""
         self.held += self.decoder.decode(b"", final=True)
         return self._release(final=True)
 

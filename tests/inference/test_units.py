@@ -1,0 +1,123 @@
+"""Pure-Python parts of the service: option validation, the text stream, request parsing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from inference import api
+from inference.config import ServeConfig, parse_endpoints, parse_floats
+from inference.tokenizer import TextStream
+from inference.worker import ConfigError, WorkerConfig
+
+
+class FakePieces:
+    """Token ids are indexes into a list of byte strings."""
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+
+    def piece(self, token: int) -> bytes:
+        return self.pieces[token]
+
+
+def test_text_stream_holds_back_split_utf8_and_stop_prefixes():
+    pieces = FakePieces([b"Hel", b"lo \xf0\x9f", b"\x98\x80 ", b"wor", b"ld", b" END", b"!"])
+    stream = TextStream(pieces, stop=["world"])
+    out = [stream.push(t) for t in range(5)]
+    assert out == ["Hel", "lo ", "\U0001f600 ", "", ""]
+    assert stream.stopped
+    stream = TextStream(pieces, stop=["END"])
+    text = "".join(stream.push(t) for t in range(7)) + stream.finish()
+    assert text == "Hello \U0001f600 world "
+    assert stream.stopped
+
+
+def test_text_stream_releases_a_false_stop_prefix_at_the_end():
+    stream = TextStream(FakePieces([b"abc", b"EN"]), stop=["END"])
+    assert stream.push(0) == "abc"
+    assert stream.push(1) == ""
+    assert stream.finish() == "EN"
+    assert not stream.stopped
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"model": "/nonexistent.gguf"}, "--model"),
+        ({"split": "diagonal"}, "--split"),
+        ({"split": "tensor", "flash_attn": "off"}, "--split tensor"),
+        ({"parallel": 0}, "--parallel"),
+        ({"ctx": 64, "parallel": 4}, "--ctx"),
+        ({"experts_used": 0}, "--experts-used"),
+        ({"ubatch": 4096, "batch": 2048}, "--ubatch"),
+        ({"port": 70000}, "--port"),
+        ({"api_key_file": "/nonexistent/key"}, "--api-key-file"),
+        ({"rpc": ("a:1", "b:2"), "tensor_split": (1.0,)}, "--tensor-split"),
+    ],
+)
+def test_serve_options_are_validated_with_the_option_named(tiny_model, kwargs, fragment):
+    config = ServeConfig(model=str(tiny_model))
+    fields = {**config.__dict__, **kwargs}
+    with pytest.raises(ConfigError, match=fragment.replace("-", r"\-")):
+        ServeConfig(**fields).validated()
+
+
+def test_a_non_gguf_model_file_is_refused(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"<html>not a model</html>")
+    with pytest.raises(ConfigError, match="not a GGUF file"):
+        ServeConfig(model=str(path)).validated()
+
+
+def test_an_empty_api_key_file_is_refused(tiny_model, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("\n")
+    with pytest.raises(ConfigError, match=r"--api-key-file .* is empty"):
+        ServeConfig(model=str(tiny_model), api_key_file=str(key)).validated()
+
+
+def test_endpoint_and_weight_lists_parse_or_name_the_bad_entry():
+    assert parse_endpoints("10.0.0.1:50052, 10.0.0.2:50052") == ["10.0.0.1:50052", "10.0.0.2:50052"]
+    assert parse_endpoints("[fd00::1]:50052") == ["[fd00::1]:50052"]
+    with pytest.raises(ConfigError, match="'pi1' is not host:port"):
+        parse_endpoints("pi1")
+    with pytest.raises(ConfigError, match="port"):
+        parse_endpoints("pi1:99999")
+    assert parse_floats("1,1,2", "--tensor-split") == [1.0, 1.0, 2.0]
+    with pytest.raises(ConfigError, match="--tensor-split"):
+        parse_floats("1,x", "--tensor-split")
+
+
+def test_worker_refuses_a_network_bind_without_allow_remote():
+    with pytest.raises(ConfigError, match="--allow-remote"):
+        WorkerConfig(host="0.0.0.0").validated()
+    assert WorkerConfig(host="0.0.0.0", allow_remote=True).validated().threads >= 1
+    assert WorkerConfig(host="::1").validated().host == "::1"
+    result = subprocess.run(
+        [sys.executable, "-m", "inference", "worker", "--host", "192.0.2.1"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "--allow-remote" in result.stderr
+
+
+def test_worker_threads_default_to_every_usable_core():
+    import os
+
+    assert WorkerConfig().validated().threads == len(os.sched_getaffinity(0))
+
+
+def test_chat_parsing_joins_text_parts_and_defaults_max_tokens_to_the_context():
+    req, messages = api.parse_chat(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+            ]
+        },
+        "m",
+    )
+    assert messages == [{"role": "user", "content": "ab"}]
+    assert req.max_tokens is None
+    assert req.id.startswith("chatcmpl-")
