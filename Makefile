@@ -14,7 +14,10 @@ WHEELHOUSE ?= $(HOME)/.cache/llmfleet/wheelhouse/llama-cpp-python-$(LLAMA_CPP_PY
 APT_PACKAGES := python3 python3-venv python3-dev build-essential cmake git curl ca-certificates \
 	openssh-client iproute2 nftables systemd-container debootstrap rsync
 
-.PHONY: help system-packages wheelhouse install demo demo-down test lint unit
+LLAMA_SERVER_DIR ?= $(HOME)/.cache/llmfleet/llama-server-$(LLAMA_CPP_PYTHON_VERSION)
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
+
+.PHONY: help system-packages wheelhouse install demo test lint unit bench llama-server
 
 help:
 	@echo "make demo   install everything and run the service on a local cluster"
@@ -46,6 +49,22 @@ wheelhouse: $(BIN)/python
 install: system-packages wheelhouse
 	$(BIN)/pip install -q --find-links $(WHEELHOUSE) -e '.[dev]'
 	$(BIN)/python -m inference check-build
+
+# llama.cpp's own server from the sources vendored in the same llama-cpp-python sdist, for benchmarks.
+$(LLAMA_SERVER): | $(BIN)/python
+	mkdir -p $(LLAMA_SERVER_DIR)
+	cd $(LLAMA_SERVER_DIR) && $(CURDIR)/$(BIN)/pip download -q --no-deps --no-binary :all: \
+	  "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)" -d . && tar xzf llama_cpp_python-*.tar.gz
+	cmake -S $(LLAMA_SERVER_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)/vendor/llama.cpp \
+	  -B $(LLAMA_SERVER_DIR)/build -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DLLAMA_CURL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_SERVER_DIR)/build --target llama-server -j $$(nproc)
+
+llama-server: $(LLAMA_SERVER)
+
+bench: install $(LLAMA_SERVER)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m inference bench --llama-server $(LLAMA_SERVER)
 
 demo: install
 	$(BIN)/python -m inference demo

@@ -156,10 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     _add_synth_model(sub)
+    sub.add_parser(
+        "bench", help="compare throughput with llama-server and llama-cpp-python's server (--help)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from inference import bench
+
+        return bench.run(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
