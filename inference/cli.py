@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from inference import demo
+
+        return demo.run()
     if argv[:1] == ["bench"]:
         from inference import bench
 
