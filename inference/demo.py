@@ -46,7 +46,9 @@ def run(shape: str = "tiny") -> int:
             endpoints.append(f"127.0.0.1:{port}")
         time.sleep(1.5)
         api_port = free_port()
-        head = spawn("head", ["serve", "--model", str(model), "--rpc", ",".join(endpoints), "--port", str(api_port)])
+        head = spawn(
+            "head", ["serve", "--model", str(model), "--rpc", ",".join(endpoints), "--port", str(api_port)]
+        )
         url = f"http://127.0.0.1:{api_port}"
         started = time.monotonic()
         while True:
@@ -60,9 +62,13 @@ def run(shape: str = "tiny") -> int:
             except OSError:
                 pass
             time.sleep(0.3)
-        print(f"head ready in {time.monotonic() - started:.1f} s, model {model.name} sharded over {endpoints}")
+        print(
+            f"head ready in {time.monotonic() - started:.1f} s, model {model.name} sharded over {endpoints}"
+        )
         print(json.dumps(health, indent=2))
-        reply = _get(url + "/v1/completions", {"prompt": "A small cluster of Raspberry Pis", "max_tokens": 24})
+        reply = _get(
+            url + "/v1/completions", {"prompt": "A small cluster of Raspberry Pis", "max_tokens": 24}
+        )
         print("completion:", json.dumps(reply["choices"][0]["text"]), "usage:", reply["usage"])
         print(f"logs: {logs}; everything started here has been stopped")
         return 0
