@@ -73,7 +73,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/yamllint -s .
-	$(BIN)/ansible-lint
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint
 
 unit: install
 	$(BIN)/pytest -m "not cluster"
