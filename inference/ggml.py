@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import pathlib
 from dataclasses import dataclass
 
@@ -34,7 +35,10 @@ class Device:
 
 
 def library_dir() -> pathlib.Path:
-    return pathlib.Path(llama_cpp.__file__).parent / "lib"
+    """Where libllama was loaded from: llama-cpp-python honours LLAMA_CPP_LIB_PATH (a llama.cpp build of
+    one's own, e.g. with CUDA), else its bundled lib/."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    return pathlib.Path(override) if override else pathlib.Path(llama_cpp.__file__).parent / "lib"
 
 
 def _load(soname: str) -> ctypes.CDLL:
