@@ -12,7 +12,9 @@ import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -73,6 +75,7 @@ class Supervisor:
         self._ids = itertools.count(1)
         self._process = None
         self._conn = None
+        self._outbox: queue.SimpleQueue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self._recovering = False
@@ -95,9 +98,7 @@ class Supervisor:
         self._closing = True
         for task in self._tasks:
             task.cancel()
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.send(("stop",))
+        self._send(("stop",))
         self._reap(timeout=5.0)
 
     def _background(self, coro) -> None:
@@ -123,15 +124,25 @@ class Supervisor:
         process.start()
         child.close()
         self._process, self._conn = process, parent
+        # A long prompt can outgrow the pipe while the engine is mid-step; a sender thread keeps the event
+        # loop from blocking on it and keeps messages in order.
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox = outbox
+        threading.Thread(target=_pump, args=(outbox, parent), daemon=True, name="engine-sender").start()
         self._loop.add_reader(parent.fileno(), self._on_readable)
         self._set_state("loading", "loading the model")
         log.info("engine process %d started", process.pid)
+
+    def _send(self, message: tuple) -> None:
+        if self._outbox is not None:
+            self._outbox.put(message)
 
     def _reap(self, timeout: float = 0.0) -> int | None:
         if self._conn is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._conn.fileno())
-            self._conn.close()
+            self._outbox.put(None)
+            self._outbox = None
             self._conn = None
         code = None
         if self._process is not None:
@@ -218,9 +229,7 @@ class Supervisor:
         request.finished = True
         if request.id in self.active:
             del self.active[request.id]
-            if self._conn is not None:
-                with contextlib.suppress(OSError):
-                    self._conn.send(("cancel", request.id))
+            self._send(("cancel", request.id))
             self.metrics.active_sequences.set(len(self.active))
             self._dispatch()
         else:
@@ -232,10 +241,7 @@ class Supervisor:
         while self.state == "ok" and self.waiting and len(self.active) < self.config.parallel:
             request = self.waiting.popleft()
             self.active[request.id] = request
-            try:
-                self._conn.send(("submit", request.id, request.prompt, request.params))
-            except OSError:
-                break
+            self._send(("submit", request.id, request.prompt, request.params))
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.active_sequences.set(len(self.active))
 
@@ -356,3 +362,16 @@ def _connect_refused(endpoint: str) -> bool:
         return True
     except OSError as exc:
         return exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH)
+
+
+def _pump(outbox: queue.SimpleQueue, conn) -> None:
+    """Sends queued messages to the engine until told to stop (None), then closes the connection."""
+    try:
+        while (message := outbox.get()) is not None:
+            conn.send(message)
+            if message == ("stop",):
+                break
+    except OSError:
+        pass
+    finally:
+        conn.close()
