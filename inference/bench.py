@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from inference.netsim import Relay
+
 CACHE = pathlib.Path(os.environ.get("LLMFLEET_CACHE", pathlib.Path.home() / ".cache" / "llmfleet"))
 PROMPTS = [
     "Write a short story about a lighthouse keeper who",
@@ -49,6 +51,8 @@ class Result:
     tokens: int
     seconds: float
     ttft: float
+    rpc_bytes_per_token: float | None = None
+    rpc_round_trips_per_token: float | None = None
 
     @property
     def rate(self) -> float:
@@ -212,7 +216,8 @@ def targets(args, model: pathlib.Path) -> list[tuple[Target, list[subprocess.Pop
         ]
         out.append(("llama_cpp.server", lambda c=cmd, p=port: Target("llama_cpp.server", c, "/v1/models", p)))
     for split in args.rpc_splits:
-        out.append((f"llmfleet rpc x2 {split}", lambda s=split: ours(f"llmfleet rpc x2 {s}", ["--split", s])))
+        label = f"llmfleet rpc x{args.rpc_workers} {split}"
+        out.append((label, lambda s=split, n=label: ours(n, ["--split", s])))
     return out
 
 
@@ -230,7 +235,12 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rpc-splits", default="layer,tensor", help="comma list; empty for none")
+    parser.add_argument("--rpc-workers", type=int, default=2, help="loopback RPC workers for the rpc runs")
     parser.add_argument("--rpc-worker-threads", type=int, default=1)
+    parser.add_argument(
+        "--link-delay-ms", type=float, default=0.0, help="one-way delay of each worker's link"
+    )
+    parser.add_argument("--link-rate-mbit", type=float, help="rate of each worker's link (e.g. 940 for a Pi)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = parser.parse_args(argv)
     args.rpc_splits = [s for s in args.rpc_splits.split(",") if s]
@@ -249,15 +259,18 @@ def run(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for name, make_target in targets(args, model):
         workers: list[subprocess.Popen] = []
+        relays: list[Relay] = []
         target = make_target()
         if "rpc" in name:
             endpoints = []
-            for _ in range(2):
+            for _ in range(args.rpc_workers):
                 port = free_port()
                 worker_cmd = [sys.executable, "-m", "inference", "worker", "--port", str(port)]
                 worker_cmd += ["--threads", str(args.rpc_worker_threads)]
                 workers.append(start(Target(f"worker-{port}", worker_cmd, "", port), log_dir))
-                endpoints.append(f"127.0.0.1:{port}")
+                relay = Relay(("127.0.0.1", port), args.link_delay_ms, args.link_rate_mbit).start()
+                relays.append(relay)
+                endpoints.append(relay.endpoint)
             time.sleep(2)
             target.command += ["--rpc", ",".join(endpoints)]
             if "tensor" in name:
@@ -268,7 +281,19 @@ def run(argv: list[str] | None = None) -> int:
             wait_ready(proc, target.port, target.ready_path)
             measure(target, 1, 1, 8)  # warm-up
             for c in clients:
+                before = [r.stats.snapshot() for r in relays]
                 result = measure(target, c, args.requests, args.max_tokens)
+                if relays and result.tokens:
+                    after = [r.stats.snapshot() for r in relays]
+                    moved = sum(
+                        a["to_worker"] + a["to_head"] - b["to_worker"] - b["to_head"]
+                        for a, b in zip(after, before, strict=True)
+                    )
+                    turns = sum(
+                        a["round_trips"] - b["round_trips"] for a, b in zip(after, before, strict=True)
+                    )
+                    result.rpc_bytes_per_token = moved / result.tokens
+                    result.rpc_round_trips_per_token = turns / result.tokens
                 results.append(result)
                 print(
                     f"  {c} clients: {result.rate:.2f} tok/s, TTFT {result.ttft * 1000:.0f} ms",
@@ -280,6 +305,8 @@ def run(argv: list[str] | None = None) -> int:
             stop(proc)
             for w in workers:
                 stop(w)
+            for r in relays:
+                r.stop()
     print_table(results, clients, model, args)
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ | {"rate": r.rate} for r in results], indent=2))
@@ -290,10 +317,14 @@ def print_table(results: list[Result], clients: list[int], model: pathlib.Path, 
     base = {r.clients: r.rate for r in results if r.target == "llama-server"}
     print(f"\nModel {model.name}, {args.threads} threads, ctx {args.ctx}, parallel {args.parallel}, ")
     print(f"{args.requests} requests per client of {args.max_tokens} tokens, temperature 0\n")
-    print("| server | clients | tokens | seconds | tok/s | vs llama-server | mean TTFT ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| server | clients | tokens | seconds | tok/s | vs llama-server | mean TTFT ms | RPC KiB/token | RPC round trips/token |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ratio = f"{r.rate / base[r.clients]:.2f}x" if base.get(r.clients) else "—"
+        kib = f"{r.rpc_bytes_per_token / 1024:.1f}" if r.rpc_bytes_per_token is not None else "—"
+        trips = f"{r.rpc_round_trips_per_token:.1f}" if r.rpc_round_trips_per_token is not None else "—"
         print(
-            f"| {r.target} | {r.clients} | {r.tokens} | {r.seconds:.1f} | {r.rate:.2f} | {ratio} | {r.ttft * 1000:.0f} |"
+            f"| {r.target} | {r.clients} | {r.tokens} | {r.seconds:.1f} | {r.rate:.2f} | {ratio} | {r.ttft * 1000:.0f} | {kib} | {trips} |"
         )

@@ -1,0 +1,127 @@
+"""A TCP relay that stands in for a network link between the head and an RPC worker.
+
+It counts the bytes each way and the round trips (a turn of the conversation from head to worker and back),
+and can hold traffic to a link's one-way delay and rate, e.g. a Raspberry Pi's gigabit Ethernet. It needs
+no privileges, unlike netem, and runs on loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+READ_SIZE = 1 << 16
+
+
+@dataclass
+class LinkStats:
+    to_worker: int = 0
+    to_head: int = 0
+    round_trips: int = 0
+    _last_direction: str = field(default="", repr=False)
+
+    def record(self, direction: str, n: int) -> None:
+        if direction == "to_worker":
+            self.to_worker += n
+        else:
+            self.to_head += n
+            if self._last_direction == "to_worker":
+                self.round_trips += 1
+        self._last_direction = direction
+
+    def snapshot(self) -> dict:
+        return {"to_worker": self.to_worker, "to_head": self.to_head, "round_trips": self.round_trips}
+
+
+class Link:
+    """Serialises one direction: each chunk leaves after the delay, no sooner than the rate allows."""
+
+    def __init__(self, delay_s: float, rate_bps: float | None):
+        self.delay_s = delay_s
+        self.rate_bps = rate_bps
+        self.free_at = 0.0
+
+    def departure(self, now: float, size: int) -> float:
+        start = max(now, self.free_at)
+        busy = size * 8 / self.rate_bps if self.rate_bps else 0.0
+        self.free_at = start + busy
+        return self.free_at + self.delay_s
+
+
+class Relay:
+    """Listens on 127.0.0.1:<port> and relays to ``upstream`` (host, port), in a thread of its own."""
+
+    def __init__(self, upstream: tuple[str, int], delay_ms: float = 0.0, rate_mbit: float | None = None):
+        self.upstream = upstream
+        self.delay_s = delay_ms / 1000.0
+        self.rate_bps = rate_mbit * 1e6 if rate_mbit else None
+        self.stats = LinkStats()
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._server: asyncio.base_events.Server | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"relay-{upstream[1]}")
+
+    def start(self) -> Relay:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _accept(self, head_reader, head_writer) -> None:
+        try:
+            worker_reader, worker_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            head_writer.close()
+            return
+        await asyncio.gather(
+            self._pipe(head_reader, worker_writer, "to_worker"),
+            self._pipe(worker_reader, head_writer, "to_head"),
+        )
+
+    async def _pipe(self, reader, writer, direction: str) -> None:
+        link = Link(self.delay_s, self.rate_bps)
+        pending: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await pending.get()) is not None:
+                due, data = item
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(deliver())
+        try:
+            while data := await reader.read(READ_SIZE):
+                self.stats.record(direction, len(data))
+                if self.delay_s or self.rate_bps:
+                    await pending.put((link.departure(time.monotonic(), len(data)), data))
+                else:
+                    writer.write(data)
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await pending.put(None)
+            with contextlib.suppress(ConnectionError, OSError):
+                await sender
+            writer.close()

@@ -1,0 +1,69 @@
+"""The link relay used by benchmarks: it must count truthfully and hold traffic to the link it models."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from inference.netsim import Link, Relay
+
+
+def _echo_server() -> tuple[socket.socket, int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def _exchange(port: int, payloads: list[bytes]) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for payload in payloads:
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += sock.recv(65536)
+            assert got == payload
+
+
+def test_relay_counts_bytes_and_round_trips():
+    server, port = _echo_server()
+    relay = Relay(("127.0.0.1", port)).start()
+    try:
+        _exchange(relay.port, [b"x" * 1000, b"y" * 3000, b"z" * 10])
+        deadline = time.monotonic() + 5
+        while relay.stats.to_head < 4010 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.stats.snapshot() == {"to_worker": 4010, "to_head": 4010, "round_trips": 3}
+    finally:
+        relay.stop()
+        server.close()
+
+
+def test_relay_adds_the_link_delay_to_each_round_trip():
+    server, port = _echo_server()
+    relay = Relay(("127.0.0.1", port), delay_ms=25).start()
+    try:
+        started = time.monotonic()
+        _exchange(relay.port, [b"ping"] * 4)
+        elapsed = time.monotonic() - started
+        assert elapsed >= 4 * 2 * 0.025
+    finally:
+        relay.stop()
+        server.close()
+
+
+def test_link_serialises_chunks_at_its_rate():
+    link = Link(delay_s=0.001, rate_bps=8e6)  # one megabyte a second
+    first = link.departure(0.0, 1_000_000)
+    second = link.departure(0.0, 500_000)
+    assert abs(first - 1.001) < 1e-9
+    assert abs(second - 1.501) < 1e-9
