@@ -71,8 +71,20 @@ class Relay:
         return self
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
 
     @property
     def endpoint(self) -> str:
@@ -91,10 +103,16 @@ class Relay:
         except OSError:
             head_writer.close()
             return
-        await asyncio.gather(
-            self._pipe(head_reader, worker_writer, "to_worker"),
-            self._pipe(worker_reader, head_writer, "to_head"),
-        )
+        try:
+            await asyncio.gather(
+                self._pipe(head_reader, worker_writer, "to_worker"),
+                self._pipe(worker_reader, head_writer, "to_head"),
+            )
+        finally:
+            for writer in (head_writer, worker_writer):
+                writer.close()
+                with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+                    await writer.wait_closed()
 
     async def _pipe(self, reader, writer, direction: str) -> None:
         link = Link(self.delay_s, self.rate_bps)
@@ -118,10 +136,12 @@ class Relay:
                 else:
                     writer.write(data)
                     await writer.drain()
+            await pending.put(None)
+            await sender  # the source closed: deliver what is still on the wire
         except (ConnectionError, OSError):
             pass
         finally:
-            await pending.put(None)
-            with contextlib.suppress(ConnectionError, OSError):
+            sender.cancel()
+            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
                 await sender
             writer.close()
