@@ -532,7 +532,10 @@ def _write_gguf(
     quant: str,
     seed: int,
     progress: Callable[[str], None] | None,
+    *,
+    with_data: bool = True,
 ) -> int:
+    """Write the GGUF; without data, the file is the header and a hole of the data's size (sparse)."""
     plan = tensor_plan(shape)
     w = _writer(path, shape, shape_name, quant, seed, plan)
     total = sum(_nbytes(s, _ggml_type(s, quant)) for s in plan)
@@ -542,6 +545,12 @@ def _write_gguf(
     assert w.fout is not None
     fout = w.fout[0]
     w.write_padding(fout, fout.tell())
+    if not with_data:
+        fout.truncate(
+            fout.tell() + sum(w.ggml_pad(_nbytes(s, _ggml_type(s, quant)), w.data_alignment) for s in plan)
+        )
+        w.close()
+        return _total_params(shape)
     done, t0, last = 0, time.monotonic(), -1.0
     for spec in plan:
         ggml_type = _ggml_type(spec, quant)
@@ -630,6 +639,19 @@ def synth_model(
         seconds=time.monotonic() - t0,
         peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+def write_header_only(shape_name: str, quant: str, out: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """The file ``synth_model`` would write, with the tensor data left as a hole (all zeros, no disk).
+
+    For checking the metadata and tensor table of shapes too large to generate, e.g. by loading the file
+    with llama.cpp's ``no_alloc`` (metadata only) or ``vocab_only`` parameters.
+    """
+    if quant not in ("q8_0", "q4_0"):
+        raise SynthError(f"a header-only file can be q8_0 or q4_0, not {quant}")
+    out = Path(out)
+    _write_gguf(out, resolve_shape(shape_name), shape_name, quant, seed, None, with_data=False)
+    return out
 
 
 def main_synth(shape: str, quant: str, out: str, seed: int, layers: int | None) -> int:
