@@ -241,6 +241,9 @@ def run(argv: list[str] | None = None) -> int:
         "--link-delay-ms", type=float, default=0.0, help="one-way delay of each worker's link"
     )
     parser.add_argument("--link-rate-mbit", type=float, help="rate of each worker's link (e.g. 940 for a Pi)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat every server this often; medians reported"
+    )
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = parser.parse_args(argv)
     args.rpc_splits = [s for s in args.rpc_splits.split(",") if s]
@@ -257,7 +260,9 @@ def run(argv: list[str] | None = None) -> int:
     log_dir = CACHE / "bench-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
-    for name, make_target in targets(args, model):
+    # Rounds interleave the servers, so background load on a shared machine falls on each of them alike.
+    plan = [t for _ in range(args.rounds) for t in targets(args, model)]
+    for name, make_target in plan:
         workers: list[subprocess.Popen] = []
         relays: list[Relay] = []
         target = make_target()
@@ -313,18 +318,34 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_table(results: list[Result], clients: list[int], model: pathlib.Path, args) -> None:
-    base = {r.clients: r.rate for r in results if r.target == "llama-server"}
-    print(f"\nModel {model.name}, {args.threads} threads, ctx {args.ctx}, parallel {args.parallel}, ")
-    print(f"{args.requests} requests per client of {args.max_tokens} tokens, temperature 0\n")
-    print(
-        "| server | clients | tokens | seconds | tok/s | vs llama-server | mean TTFT ms | RPC KiB/token | RPC round trips/token |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+def summarize(results: list[Result]) -> list[tuple[Result, float, float]]:
+    """Per server and client count: the run with the median rate, and the lowest and highest rate seen."""
+    groups: dict[tuple[str, int], list[Result]] = {}
     for r in results:
+        groups.setdefault((r.target, r.clients), []).append(r)
+    out = []
+    for runs in groups.values():
+        ranked = sorted(runs, key=lambda r: r.rate)
+        out.append((ranked[(len(ranked) - 1) // 2], ranked[0].rate, ranked[-1].rate))
+    return out
+
+
+def print_table(results: list[Result], clients: list[int], model: pathlib.Path, args) -> None:
+    rows = summarize(results)
+    base = {r.clients: r.rate for r, _, _ in rows if r.target == "llama-server"}
+    print(f"\nModel {model.name}, {args.threads} threads, ctx {args.ctx}, parallel {args.parallel}, ")
+    print(f"{args.requests} requests per client of {args.max_tokens} tokens, temperature 0, ", end="")
+    print(f"median of {args.rounds} interleaved round(s)\n")
+    print(
+        "| server | clients | tok/s (median) | range | vs llama-server | mean TTFT ms "
+        "| RPC KiB/token | RPC round trips/token |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r, low, high in rows:
         ratio = f"{r.rate / base[r.clients]:.2f}x" if base.get(r.clients) else "—"
         kib = f"{r.rpc_bytes_per_token / 1024:.1f}" if r.rpc_bytes_per_token is not None else "—"
         trips = f"{r.rpc_round_trips_per_token:.1f}" if r.rpc_round_trips_per_token is not None else "—"
         print(
-            f"| {r.target} | {r.clients} | {r.tokens} | {r.seconds:.1f} | {r.rate:.2f} | {ratio} | {r.ttft * 1000:.0f} | {kib} | {trips} |"
+            f"| {r.target} | {r.clients} | {r.rate:.2f} | {low:.2f} to {high:.2f} | {ratio} "
+            f"| {r.ttft * 1000:.0f} | {kib} | {trips} |"
         )
