@@ -50,26 +50,40 @@ class Setting:
         return f"{value}\n"
 
     def accept(self, written: str) -> str | None:
-        """The value the kernel would take from `written`, or None where it would refuse it (EINVAL)."""
-        lines = written.strip().splitlines()
-        if not lines:
-            return None
-        # systemd-sysctl writes without truncating, so a shorter value leaves the tail of the old one after
-        # its newline; the first line is what was written.
-        token = lines[0].strip()
+        """The value the kernel would take from the bytes `written`, or None if it refuses them (EINVAL)."""
+        token = written.strip()
         if self.choices:
-            selected = re.search(r"\[([^\]]+)\]", token)
-            token = selected.group(1) if selected else token
-            return token if token in self.choices else None
-        try:
-            number = int(token)
-        except ValueError:
+            if token in self.choices:
+                return token
+            # Writing back what was read (the bracketed list) selects the bracketed choice.
+            echoed = [choice for choice in self.choices if self.render(choice).strip() == token]
+            return echoed[0] if self.bracketed and echoed else None
+        if not re.fullmatch(r"-?[0-9]+", token):
             return None
+        number = int(token)
         if (self.minimum is not None and number < self.minimum) or (
             self.maximum is not None and number > self.maximum
         ):
             return None
         return str(number)
+
+    def written_value(self, before: str, after: str) -> str | None:
+        """What a writer wrote, given the file before and after, as the value the kernel would take.
+
+        The kernel sees each write on its own; a plain file keeps what the write did not cover. A writer that
+        truncates (sysctl -w, a shell redirection) leaves just its bytes. One that does not (systemd-sysctl,
+        systemd-tmpfiles) leaves its bytes followed by the rest of the old content: the written part is then
+        the longest valid prefix after which the file is unchanged.
+        """
+        whole = self.accept(after)
+        if whole is not None or len(after) != len(before):
+            return whole
+        for end in range(len(after) - 1, 0, -1):
+            if after[end:] == before[end:]:
+                value = self.accept(after[:end])
+                if value is not None:
+                    return value
+        return None
 
 
 @dataclass(frozen=True)

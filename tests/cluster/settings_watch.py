@@ -78,8 +78,8 @@ class SettingsWatcher:
     def settle(self, path: Path) -> None:
         """Rewrite one file as the kernel would show it after the write it just received."""
         setting = self._settings[path]
-        written = path.read_text(errors="replace")
-        value = setting.accept(written)
+        before = setting.render(self._values[path])
+        value = setting.written_value(before, path.read_text(errors="replace"))
         if value is None:
             value = self._values[path]
         self._values[path] = value

@@ -32,13 +32,36 @@ def test_bracketed_setting_renders_like_the_kernel() -> None:
         (SWAPPINESS, " 10 \n", "10"),
         (SWAPPINESS, "201\n", None),
         (SWAPPINESS, "ten\n", None),
+        (SWAPPINESS, "1\n0", None),
         (SWAPPINESS, "", None),
-        # systemd-sysctl overwrites "1000\n" with "5\n" without truncating.
-        (SWAPPINESS, "5\n00\n", "5"),
     ],
 )
 def test_setting_accepts_what_the_kernel_would(setting: Setting, written: str, accepted: str | None) -> None:
     assert setting.accept(written) == accepted
+
+
+@pytest.mark.parametrize(
+    ("setting", "before", "written", "value"),
+    [
+        # Truncating writers (sysctl -w, `echo x >`): the file holds the write alone.
+        (SWAPPINESS, "100\n", "10\n", "10"),
+        (GOVERNOR, "ondemand\n", "performance\n", "performance"),
+        # Writers that do not truncate (systemd-sysctl, systemd-tmpfiles) leave the old tail behind.
+        (SWAPPINESS, "60\n", "5\n", "5"),
+        (SWAPPINESS, "1000\n", "5\n", "5"),
+        (GOVERNOR, "performance\n", "powersave\n", "powersave"),
+        (THP, "[always] madvise never\n", "never", "never"),
+        (THP, "[always] madvise never\n", "madvise\n", "madvise"),
+        (THP, "[always] madvise never\n", "sometimes", None),
+    ],
+)
+def test_written_value_is_found_with_or_without_truncation(
+    setting: Setting, before: str, written: str, value: str | None
+) -> None:
+    truncated = written
+    untruncated = written + before[len(written) :]
+    assert setting.written_value(before, truncated) == value
+    assert setting.written_value(before, untruncated) == value
 
 
 def test_cpulists_round_trip() -> None:

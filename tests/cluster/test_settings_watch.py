@@ -46,9 +46,9 @@ def test_a_refused_value_leaves_the_old_one(files: dict[str, Path]) -> None:
 
 
 def test_an_untruncated_write_keeps_only_the_new_value(files: dict[str, Path]) -> None:
-    with open(files["ratio"], "r+") as handle:
-        handle.write("5\n")
-    assert _eventually(files["ratio"], "5\n") == "5\n"
+    with open(files["thp"], "r+") as handle:
+        handle.write("never")
+    assert _eventually(files["thp"], "always madvise [never]\n") == "always madvise [never]\n"
 
 
 def test_dirty_bytes_zeroes_dirty_ratio(files: dict[str, Path]) -> None:
