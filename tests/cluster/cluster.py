@@ -210,11 +210,17 @@ def _destroy_host(host: Host) -> bool:
     existed = files.directory.exists() or network.netns_path(host).exists() or bool(cgroups.pids(host))
     pid = files.supervisor()
     if pid:
+        # The supervisor powers the container off cleanly; what remains after that is killed below.
         signal_pid(pid, signal.SIGTERM)
-    if not _wait_until(lambda: not cgroups.pids(host), STOP_TIMEOUT_S):
+        _wait_until(lambda: not cgroups.pids(host), STOP_TIMEOUT_S)
+
+    def killed() -> bool:
+        # Killing again each round also catches a process forked after the previous round's listing.
         cgroups.signal_all(host, signal.SIGKILL)
-        if not _wait_until(lambda: not cgroups.pids(host), STOP_TIMEOUT_S):
-            raise HarnessError(f"processes of {host.name} survive SIGKILL: {sorted(cgroups.pids(host))}")
+        return not cgroups.pids(host)
+
+    if not _wait_until(killed, STOP_TIMEOUT_S):
+        raise HarnessError(f"processes of {host.name} survive SIGKILL: {sorted(cgroups.pids(host))}")
     cgroups.remove(host)
     _unmount_below(files.directory)
     _detach_loops_below(files.directory)

@@ -35,6 +35,12 @@ def on(host: config.Host, command: str) -> str:
     return result.stdout
 
 
+def read_files(host: config.Host, *paths: str) -> list[str]:
+    """Read several files on the host over one SSH connection."""
+    script = "import json, sys; print(json.dumps([open(p).read() for p in sys.argv[1:]]))"
+    return json.loads(on(host, f"python3 -c '{script}' {' '.join(paths)}"))
+
+
 def read_until(host: config.Host, path: str, expected: str, timeout: float = 5) -> str:
     """Read a file on the host until it shows `expected` (fake settings settle just after a write)."""
     deadline = time.monotonic() + timeout
@@ -97,19 +103,24 @@ def test_ansible_pings_every_host_through_the_local_inventory() -> None:
 
 def test_workers_look_like_raspberry_pi_5_boards() -> None:
     cpus = real_cpus()
+    expected = {
+        "/sys/firmware/devicetree/base/model": "Raspberry Pi 5 Model B Rev 1.0\0",
+        "/sys/devices/system/cpu/cpufreq/policy0/affected_cpus": " ".join(map(str, cpus)) + "\n",
+    }
+    for cpu in cpus:
+        freq = f"/sys/devices/system/cpu/cpu{cpu}/cpufreq"
+        expected[f"{freq}/scaling_governor"] = "ondemand\n"
+        expected[f"{freq}/scaling_available_governors"] = "ondemand performance powersave\n"
+        expected[f"{freq}/scaling_driver"] = "cpufreq-dt\n"
+        expected[f"{freq}/cpuinfo_max_freq"] = "2400000\n"
+        expected[f"{freq}/scaling_min_freq"] = "1500000\n"
+        expected[f"/sys/devices/system/cpu/cpu{cpu}/cpu_capacity"] = "1024\n"
     for host in (h for h in HOSTS if h.group == "rpc_workers"):
-        assert on(host, "cat /sys/firmware/devicetree/base/model") == "Raspberry Pi 5 Model B Rev 1.0\0"
+        assert read_files(host, *expected) == list(expected.values())
         assert "Model\t\t: Raspberry Pi 5 Model B Rev 1.0" in on(host, "cat /proc/cpuinfo")
-        for cpu in cpus:
-            freq = f"/sys/devices/system/cpu/cpu{cpu}/cpufreq"
-            assert on(host, f"cat {freq}/scaling_governor") == "ondemand\n"
-            assert on(host, f"cat {freq}/scaling_available_governors") == "ondemand performance powersave\n"
-            assert on(host, f"cat {freq}/cpuinfo_max_freq") == "2400000\n"
-            assert on(host, f"cat /sys/devices/system/cpu/cpu{cpu}/cpu_capacity") == "1024\n"
         # The CPU count stays real, so pinning really pins.
-        assert on(host, "nproc").strip() == str(len(cpus))
-        pinned = on(host, f"taskset -c {cpus[-1]} grep Cpus_allowed_list /proc/self/status")
-        assert pinned == f"Cpus_allowed_list:\t{cpus[-1]}\n"
+        pinned = on(host, f"nproc; taskset -c {cpus[-1]} grep Cpus_allowed_list /proc/self/status")
+        assert pinned == f"{len(cpus)}\nCpus_allowed_list:\t{cpus[-1]}\n"
 
 
 def test_head_has_two_numa_nodes_and_an_nvidia_gpu_on_node_1() -> None:
