@@ -54,27 +54,31 @@ def _each(hosts: Iterable[Host], action: Callable[[Host], T]) -> dict[Host, T]:
 class UpResult:
     started: list[Host]
     image_built: bool
-    seconds: float
+    network_restored: bool
 
     @property
     def changed(self) -> bool:
-        return bool(self.started) or self.image_built
+        return bool(self.started) or self.image_built or self.network_restored
 
 
 def up() -> UpResult:
     require_root()
     with harness_lock():
-        begin = time.monotonic()
         ensure_packages()
         image_dir, built = image.ensure_image()
         ssh.ensure_key()
         config.WHEELHOUSE_ROOT.mkdir(parents=True, exist_ok=True)
-        network.ensure_bridge()
+        network_restored = network.ensure_bridge()
         to_start = [host for host in HOSTS if not _is_up(host)]
         if not to_start:
             _each(HOSTS, lambda host: wait_ready(host, time.monotonic() + config.BOOT_TIMEOUT_S))
-            print(f"All {len(HOSTS)} hosts already up; nothing changed.", flush=True)
-            return UpResult([], built, time.monotonic() - begin)
+            if network_restored:
+                print(
+                    f"All {len(HOSTS)} hosts already up; restored the bridge {config.BRIDGE} or its firewall."
+                )
+            else:
+                print(f"All {len(HOSTS)} hosts already up; nothing changed.", flush=True)
+            return UpResult([], built, network_restored)
         boot_begin = time.monotonic()
         _each(to_start, lambda host: _create_host(host, image_dir))
         for host in to_start:
@@ -91,7 +95,7 @@ def up() -> UpResult:
             flush=True,
         )
         _prune_unused_images(image_dir)
-        return UpResult(to_start, built, time.monotonic() - begin)
+        return UpResult(to_start, built, network_restored)
 
 
 def _is_up(host: Host) -> bool:

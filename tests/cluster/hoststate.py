@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +96,3 @@ class HostFiles:
     def console_tail(self, lines: int = 25) -> str:
         text = self.read(self.console_log)
         return "\n".join(text.splitlines()[-lines:])
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
