@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from tests.cluster.system import (
 )
 
 T = TypeVar("T")
+_LOSETUP_LOCK = threading.Lock()
 READY_STATES = ("running", "degraded")
 STOP_TIMEOUT_S = 15.0
 
@@ -146,7 +148,9 @@ def _attach_model_volume(host: Host, files: HostFiles) -> None:
     with open(files.model_volume, "wb") as volume:
         volume.truncate(host.model_volume_mib * 1024 * 1024)
     run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", config.MODEL_VOLUME_LABEL, files.model_volume])
-    device = run(["losetup", "--find", "--show", files.model_volume]).stdout.strip()
+    # Hosts are created in parallel; two `losetup --find` at once could pick the same free device.
+    with _LOSETUP_LOCK:
+        device = run(["losetup", "--find", "--show", files.model_volume]).stdout.strip()
     write_text(files.loop_device, f"{Path(device).name}\n")
 
 
@@ -197,7 +201,7 @@ def down() -> bool:
             _unmount_below(stray)
             _detach_loops_below(stray)
             remove_tree(stray)
-        had_bridge = network.nft_table_present() or Path(f"/sys/class/net/{config.BRIDGE}").exists()
+        had_bridge = network.nft_table_present() or network.link_exists(config.BRIDGE)
         network.remove_bridge()
         cgroups.remove_parent()
         anything = any(existed.values()) or bool(strays) or had_bridge
@@ -308,7 +312,7 @@ def host_status(host: Host) -> HostStatus:
 def status() -> list[HostStatus]:
     require_root()
     statuses = _each(HOSTS, host_status)
-    bridge = "present" if Path(f"/sys/class/net/{config.BRIDGE}").exists() else "absent"
+    bridge = "present" if network.link_exists(config.BRIDGE) else "absent"
     firewall = "present" if network.nft_table_present() else "absent"
     print(f"bridge {config.BRIDGE} {bridge}, nftables table inet {config.NFT_TABLE} {firewall}")
     print(f"  {'HOST':5} {'ADDRESS':12} {'GROUP':15} {'SUPERVISOR':10} {'BOOTS':5} SYSTEMD")

@@ -17,8 +17,8 @@ from tests.cluster.system import run
 NETNS_DIR = Path("/run/netns")
 
 
-def _link_exists(name: str) -> bool:
-    return run(["ip", "link", "show", "dev", name], check=False).returncode == 0
+def link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
 
 
 def _addresses(name: str, netns: str | None = None) -> list[str]:
@@ -55,8 +55,12 @@ def ensure_bridge() -> bool:
     """Create the bridge and its firewall table if missing; return whether anything changed."""
     changed = False
     bridge_address = f"{config.BRIDGE_ADDRESS}/{config.PREFIX_LENGTH}"
-    if not _link_exists(config.BRIDGE):
+    if not link_exists(config.BRIDGE):
         run(["ip", "link", "add", config.BRIDGE, "type", "bridge"])
+        # Hosts still running keep their veths; a new bridge must take them back.
+        for host in config.HOSTS:
+            if link_exists(host.veth):
+                run(["ip", "link", "set", host.veth, "master", config.BRIDGE])
         changed = True
     if bridge_address not in _addresses(config.BRIDGE):
         run(["ip", "addr", "flush", "dev", config.BRIDGE])
@@ -72,7 +76,7 @@ def ensure_bridge() -> bool:
 def remove_bridge() -> None:
     if nft_table_present():
         run(["nft", "delete", "table", "inet", config.NFT_TABLE])
-    if _link_exists(config.BRIDGE):
+    if link_exists(config.BRIDGE):
         run(["ip", "link", "del", config.BRIDGE])
 
 
@@ -83,7 +87,7 @@ def netns_path(host: Host) -> Path:
 def host_network_ready(host: Host) -> bool:
     return (
         netns_path(host).exists()
-        and _link_exists(host.veth)
+        and link_exists(host.veth)
         and f"{host.address}/{config.PREFIX_LENGTH}" in _addresses("eth0", host.netns)
     )
 
@@ -105,7 +109,7 @@ def ensure_host_network(host: Host) -> bool:
 
 
 def remove_host_network(host: Host) -> None:
-    if _link_exists(host.veth):
+    if link_exists(host.veth):
         run(["ip", "link", "del", host.veth])
     if netns_path(host).exists():
         run(["ip", "netns", "del", host.netns], check=False)

@@ -105,24 +105,28 @@ def _boot_loop(host: Host, files: HostFiles) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     while not stopping:
-        # Sub-cgroups from the previous boot would make systemd-nspawn refuse to reuse the names.
+        # systemd-nspawn makes its cgroups below ours afresh at each start; clear the previous boot's.
         cgroups.remove(host, keep_top=True)
         remove_tree(files.fakehw)
         hardware = fakehw.build(host, files.fakehw, model_device=files.loop_name())
-        watcher = SettingsWatcher(hardware.settings).start()
+        if stopping:  # asked to stop while the hardware was being built
+            break
         boot = files.boot_count() + 1
         files.boots.write_text(f"{boot}\n")
-        if stopping:
-            watcher.stop()
-            break
         started = time.monotonic()
         print(f"{time.strftime('%H:%M:%S')} boot {boot} of {host.name}", flush=True)
-        with open(files.console_log, "ab") as console:
-            container = subprocess.Popen(
-                nspawn_argv(host, files), stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT
-            )
-            code = container.wait()
-        watcher.stop()
+        watcher = SettingsWatcher(hardware.settings).start()
+        try:
+            with open(files.console_log, "ab") as console:
+                container = subprocess.Popen(
+                    nspawn_argv(host, files),
+                    stdin=subprocess.DEVNULL,
+                    stdout=console,
+                    stderr=subprocess.STDOUT,
+                )
+                code = container.wait()
+        finally:
+            watcher.stop()
         elapsed = time.monotonic() - started
         print(f"{time.strftime('%H:%M:%S')} systemd-nspawn exited {code} after {elapsed:.0f} s", flush=True)
         if code != EXIT_REBOOT:

@@ -250,11 +250,11 @@ def _leftovers() -> list[str]:
     for host in HOSTS:
         if network.netns_path(host).exists():
             found.append(f"network namespace {host.netns}")
-        if Path(f"/sys/class/net/{host.veth}").exists():
+        if network.link_exists(host.veth):
             found.append(f"veth {host.veth}")
         if cgroups.pids(host) or any(path.exists() for path in cgroups.host_dirs(host)):
             found.append(f"cgroup of {host.name}")
-    if Path(f"/sys/class/net/{config.BRIDGE}").exists():
+    if network.link_exists(config.BRIDGE):
         found.append(f"bridge {config.BRIDGE}")
     if network.nft_table_present():
         found.append(f"nftables table {config.NFT_TABLE}")
