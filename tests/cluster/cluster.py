@@ -181,7 +181,7 @@ def wait_ready(host: Host, deadline: float, after_boot: int = 0) -> str:
 
 
 def _prune_unused_images(current: Path) -> None:
-    in_use = {HostFiles(host).read(HostFiles(host).image) for host in HOSTS}
+    in_use = {files.read(files.image) for files in map(HostFiles, HOSTS)}
     if in_use <= {current.name, ""}:
         for removed in image.prune_images(keep=current):
             print(f"Removed the old base image {removed.name}.")
