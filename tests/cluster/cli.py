@@ -1,0 +1,79 @@
+"""Command line of the local cluster harness: parses arguments and calls the operation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tests.cluster import cluster, config, image, supervisor, wheelhouse
+from tests.cluster.hoststate import SUPERVISE_COMMAND
+from tests.cluster.system import HarnessError, ensure_packages, harness_lock, require_root
+
+
+def _up(_args: argparse.Namespace) -> int:
+    cluster.up()
+    return 0
+
+
+def _down(_args: argparse.Namespace) -> int:
+    cluster.down()
+    return 0
+
+
+def _status(_args: argparse.Namespace) -> int:
+    statuses = cluster.status()
+    # Like `systemctl is-active`: 0 only when everything is up, so scripts can test it.
+    return 0 if all(item.up for item in statuses) else 3
+
+
+def _reboot(args: argparse.Namespace) -> int:
+    cluster.reboot(config.host_by_name(args.host))
+    return 0
+
+
+def _image(_args: argparse.Namespace) -> int:
+    require_root()
+    with harness_lock():
+        ensure_packages()
+        path, built = image.ensure_image()
+    if not built:
+        print(f"Base image {path.name} is built; nothing changed.")
+    return 0
+
+
+def _wheelhouse(_args: argparse.Namespace) -> int:
+    wheelhouse.ensure()
+    return 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    return supervisor.supervise(config.host_by_name(args.host))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    hosts = [host.name for host in config.HOSTS]
+    sub.add_parser("up", help="build what is missing and bring the five hosts up").set_defaults(func=_up)
+    sub.add_parser("down", help="stop the hosts and discard their disks").set_defaults(func=_down)
+    sub.add_parser("status", help="say which hosts are up (exit 3 unless all are)").set_defaults(func=_status)
+    reboot = sub.add_parser("reboot", help="reboot one host, keeping its disk, and wait for SSH")
+    reboot.add_argument("host", choices=hosts)
+    reboot.set_defaults(func=_reboot)
+    sub.add_parser("image", help="build the base image only").set_defaults(func=_image)
+    sub.add_parser("wheelhouse", help="collect the hosts' Python wheels on this machine").set_defaults(
+        func=_wheelhouse
+    )
+    supervise = sub.add_parser(SUPERVISE_COMMAND)  # started by `up`, one per host; not for people
+    supervise.add_argument("host", choices=hosts)
+    supervise.set_defaults(func=_supervise)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (HarnessError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

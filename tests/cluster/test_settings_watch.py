@@ -1,0 +1,57 @@
+"""The watcher that makes plain files behave like kernel attributes after a write."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.fakehw import THP_SETTINGS, Setting
+from tests.cluster.settings_watch import SettingsWatcher
+
+RATIO = Setting("/proc/sys/vm/dirty_ratio", "20", minimum=0, maximum=100, clears="/proc/sys/vm/dirty_bytes")
+BYTES = Setting("/proc/sys/vm/dirty_bytes", "0", minimum=0, clears="/proc/sys/vm/dirty_ratio")
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    settings = {"thp": THP_SETTINGS[0], "ratio": RATIO, "bytes": BYTES}
+    paths = {name: tmp_path / name for name in settings}
+    for name, setting in settings.items():
+        paths[name].write_text(setting.render(setting.factory))
+    watcher = SettingsWatcher({paths[name]: setting for name, setting in settings.items()}).start()
+    yield paths
+    watcher.stop()
+
+
+def _eventually(path: Path, expected: str) -> str:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and path.read_text() != expected:
+        time.sleep(0.01)
+    return path.read_text()
+
+
+def test_a_selection_reads_back_bracketed(files: dict[str, Path]) -> None:
+    files["thp"].write_text("madvise\n")
+    assert _eventually(files["thp"], "always [madvise] never\n") == "always [madvise] never\n"
+
+
+def test_a_refused_value_leaves_the_old_one(files: dict[str, Path]) -> None:
+    files["thp"].write_text("never\n")
+    _eventually(files["thp"], "always madvise [never]\n")
+    files["thp"].write_text("sometimes\n")
+    assert _eventually(files["thp"], "always madvise [never]\n") == "always madvise [never]\n"
+
+
+def test_an_untruncated_write_keeps_only_the_new_value(files: dict[str, Path]) -> None:
+    with open(files["thp"], "r+") as handle:
+        handle.write("never")
+    assert _eventually(files["thp"], "always madvise [never]\n") == "always madvise [never]\n"
+
+
+def test_dirty_bytes_zeroes_dirty_ratio(files: dict[str, Path]) -> None:
+    files["bytes"].write_text("268435456\n")
+    assert _eventually(files["ratio"], "0\n") == "0\n"
+    assert files["bytes"].read_text() == "268435456\n"
