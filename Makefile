@@ -12,12 +12,12 @@ LLAMA_CPP_PYTHON_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
 WHEELHOUSE ?= $(HOME)/.cache/llmfleet/wheelhouse/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)-rpc
 APT_PACKAGES := python3 python3-venv python3-dev build-essential cmake git curl ca-certificates \
-	openssh-client iproute2 nftables systemd-container debootstrap rsync
+	openssh-client iproute2 nftables systemd-container debootstrap rsync e2fsprogs
 
 LLAMA_SERVER_DIR ?= $(HOME)/.cache/llmfleet/llama-server-$(LLAMA_CPP_PYTHON_VERSION)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
 
-.PHONY: help system-packages wheelhouse install demo test lint unit bench llama-server
+.PHONY: help system-packages wheelhouse install demo test lint unit bench llama-server cluster-wheelhouse
 
 help:
 	@echo "make demo   install everything and run the service on a local cluster"
@@ -78,5 +78,10 @@ lint: install
 unit: install
 	$(BIN)/pytest -m "not cluster"
 
-test: lint
+# The wheelhouse the offline test hosts install from: the RPC build of llama-cpp-python plus every dependency.
+cluster-wheelhouse: install
+	$(BIN)/python -m tests.cluster wheelhouse
+
+test: lint cluster-wheelhouse
 	$(BIN)/pytest
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/molecule test -s cluster
