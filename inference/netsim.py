@@ -100,7 +100,8 @@ class Relay:
     async def _accept(self, head_reader, head_writer) -> None:
         try:
             worker_reader, worker_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
+        except (OSError, asyncio.CancelledError):
+            # Unreachable worker, or the relay shutting down while a connection waits in the worker's backlog.
             head_writer.close()
             return
         try:
