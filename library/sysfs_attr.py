@@ -17,8 +17,8 @@ module: sysfs_attr
 short_description: Set a sysfs attribute now, on every CPU or device a glob matches
 description:
   - Reads every attribute matching O(path), decides which differ from O(value), and writes only those.
-  - Understands the bracketed form the kernel uses for choices (C(always [madvise] never),
-    C([mq-deadline] none)): the bracketed word is the current value and the words are the offer.
+  - "Understands the bracketed form the kernel uses for choices (C(always [madvise] never),
+    C([mq-deadline] none)): the bracketed word is the current value and the words are the offer."
   - Where the offer lives in a file beside the attribute (C(scaling_available_governors) beside
     C(scaling_governor)), name it in O(available). A value that is not offered fails before anything
     is written, with the offer in the message.
@@ -65,7 +65,7 @@ attributes:
     description: Reads, validates and reports what would change; writes nothing.
   diff_mode:
     support: full
-    description: Shows every matched attribute as C(path: value), before and after.
+    description: "Shows every matched attribute as C(path: value), before and after."
 author:
   - llmfleet maintainers
 """
