@@ -18,7 +18,7 @@ description:
   - "NUMA nodes and their CPUs; GPUs (PCI class 0x03xxxx) with vendor, NVIDIA flag and NUMA node."
   - "Transparent huge pages, the vm sysctls the memory role sets, total memory, swap devices
     (zram flagged), block devices with rotational flag, scheduler and read-ahead, mounts with
-    options, cgroup version and controllers."
+    options, real-time throttling, cgroup version and controllers."
   - "Whether the host is a Raspberry Pi (device-tree model) and, where C(vcgencmd) exists, the
     decoded C(get_throttled) bits."
 options:
@@ -142,6 +142,12 @@ ansible_facts:
             C(since_boot) (under_voltage, arm_freq_capped, throttled, soft_temp_limit); C(error) when the
             output could not be read.
           type: dict
+        sched:
+          description: >-
+            Real-time throttling from /proc/sys/kernel, C(rt_runtime_us) of every C(rt_period_us)
+            (C(rt_runtime_us) -1 means RT tasks are never throttled).
+          type: dict
+          sample: {rt_runtime_us: 950000, rt_period_us: 1000000}
         cgroup:
           description: C(version) (1 or 2), C(hybrid), and the cgroup v2 C(controllers).
           type: dict

@@ -371,6 +371,14 @@ def decode_throttled(output: str) -> dict:
     return {"available": True, "raw": raw, "ok": value == 0, "now": now, "since_boot": occurred}
 
 
+def sched_facts(root: str) -> dict:
+    """Real-time throttling: RT tasks may use ``rt_runtime_us`` of every ``rt_period_us`` (-1: no limit)."""
+    return {
+        "rt_runtime_us": read_int(root, "/proc/sys/kernel/sched_rt_runtime_us"),
+        "rt_period_us": read_int(root, "/proc/sys/kernel/sched_rt_period_us"),
+    }
+
+
 def cgroup_facts(root: str) -> dict:
     """Which cgroup hierarchy is mounted and, on v2, the controllers it offers."""
     controllers = read_attr(root, f"{CGROUP_ROOT}/cgroup.controllers")
@@ -413,5 +421,6 @@ def gather(root: str = "/", throttled_output: str | None = None) -> dict:
         "mounts": mount_facts(root),
         "board": board_facts(root),
         "throttled": throttled,
+        "sched": sched_facts(root),
         "cgroup": cgroup_facts(root),
     }

@@ -104,6 +104,8 @@ class FakeHost:
         defaults.update({key.replace("_cluster", "-cluster"): value for key, value in values.items()})
         for name, value in defaults.items():
             self.write(f"proc/sys/vm/{name}", str(value))
+        self.write("proc/sys/kernel/sched_rt_runtime_us", "950000")
+        self.write("proc/sys/kernel/sched_rt_period_us", "1000000")
 
     def meminfo(self, total_kb: int) -> None:
         self.write("proc/meminfo", f"MemTotal:       {total_kb} kB\nMemFree:        {total_kb // 2} kB\n")

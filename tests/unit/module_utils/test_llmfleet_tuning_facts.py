@@ -21,6 +21,7 @@ from ansible.module_utils.llmfleet_tuning_facts import (
     parse_mounts,
     parse_swaps,
     performance_cpus,
+    sched_facts,
     swap_facts,
     thp_facts,
     vm_facts,
@@ -319,6 +320,13 @@ def test_decode_throttled_names_current_and_past_conditions():
 def test_decode_throttled_refuses_other_output(output):
     with pytest.raises(SysfsError, match="expected 'throttled=0x<hex>'"):
         decode_throttled(output)
+
+
+def test_sched_rt_throttling(pi5, tmp_path):
+    assert sched_facts(str(pi5)) == {"rt_runtime_us": 950000, "rt_period_us": 1000000}
+    pi5.write("proc/sys/kernel/sched_rt_runtime_us", "-1")
+    assert sched_facts(str(pi5))["rt_runtime_us"] == -1
+    assert sched_facts(str(tmp_path)) == {"rt_runtime_us": None, "rt_period_us": None}
 
 
 def test_cgroup_v2(pi5):
