@@ -1,0 +1,1 @@
+"""Tests for llmfleet: unit tests, service tests and the local cluster harness."""

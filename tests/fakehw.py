@@ -89,20 +89,19 @@ class FakeHost:
         self.write("sys/kernel/mm/transparent_hugepage/enabled", enabled)
         self.write("sys/kernel/mm/transparent_hugepage/defrag", defrag)
 
-    def vm(self, **values: int) -> None:
-        defaults = {
-            "swappiness": 60,
-            "dirty_ratio": 20,
-            "dirty_background_ratio": 10,
-            "dirty_bytes": 0,
-            "dirty_background_bytes": 0,
-            "vfs_cache_pressure": 100,
-            "page-cluster": 3,
-            "min_free_kbytes": 67584,
-            "overcommit_memory": 0,
-        }
-        defaults.update({key.replace("_cluster", "-cluster"): value for key, value in values.items()})
-        for name, value in defaults.items():
+    def vm(self) -> None:
+        """The vm sysctls at the kernel's defaults, and RT throttling at 95 %."""
+        for name, value in (
+            ("swappiness", 60),
+            ("dirty_ratio", 20),
+            ("dirty_background_ratio", 10),
+            ("dirty_bytes", 0),
+            ("dirty_background_bytes", 0),
+            ("vfs_cache_pressure", 100),
+            ("page-cluster", 3),
+            ("min_free_kbytes", 67584),
+            ("overcommit_memory", 0),
+        ):
             self.write(f"proc/sys/vm/{name}", str(value))
         self.write("proc/sys/kernel/sched_rt_runtime_us", "950000")
         self.write("proc/sys/kernel/sched_rt_period_us", "1000000")
@@ -219,7 +218,7 @@ def x86_two_socket_gpu(root: Path) -> FakeHost:
     host.pci(BMC_VGA_ADDRESS, "0x030000", "0x1a03", "0x2000", 0, "0-3")
     host.pci("0000:c1:00.0", "0x010802", "0x144d", "0xa80a", 1, "4-7")
     host.thp(enabled="[always] madvise never")
-    host.vm(swappiness=60)
+    host.vm()
     host.meminfo(263840244)
     host.block("nvme0n1", "[none] mq-deadline", read_ahead_kb=128)
     host.block("sda", "[mq-deadline] none", rotational=1)

@@ -27,7 +27,7 @@ from ansible.module_utils.llmfleet_tuning_facts import (
     vm_facts,
 )
 
-from tests.fakehw import NVIDIA_GPU_ADDRESS, PI5_MODEL, RK3588_MODEL
+from tests.fakehw import NVIDIA_GPU_ADDRESS, PI5_MODEL, RK3588_MODEL, FakeHost
 
 
 def test_pi5_cpus_are_all_performance_cores(pi5):
@@ -110,8 +110,6 @@ def test_cpufreq_offers_only_what_every_cpu_offers_and_flags_mixed_governors(x86
 
 
 def test_cpufreq_absent_without_a_driver(tmp_path):
-    from tests.fakehw import FakeHost
-
     host = FakeHost(tmp_path)
     host.cpus("0-1")
     (tmp_path / "sys/devices/system/cpu/cpu0").mkdir()
