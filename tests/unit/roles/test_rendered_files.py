@@ -50,15 +50,14 @@ VARIANTS = {
 def rendered(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("rendered")
     tree = fakehw.build("x86", base / "tree")
-    hosts = {}
+    inventory = local_inventory(base / "inventory.yml", {"localhost": {}})
+    # The play targets localhost; each variant is a run of its own with its variables as extra vars.
     for name, variables in VARIANTS.items():
         (base / name).mkdir()
-        hosts[name] = {"render_dir": str(base / name), "tuning_facts_root": str(tree), **variables}
-    # The play targets localhost; each variant is a separate run with its own variables.
-    for name in VARIANTS:
         extra = base / f"{name}.json"
-        extra.write_text(json.dumps(hosts[name]))
-        inventory = local_inventory(base / "inventory.yml", {"localhost": {}})
+        extra.write_text(
+            json.dumps({"render_dir": str(base / name), "tuning_facts_root": str(tree), **variables})
+        )
         run = run_playbook(PLAYBOOK, inventory, "-e", f"@{extra}")
         failure, _ = run.first_failure("localhost")
         assert failure is None, f"{name}: {failure.task}: {failure.message}"
