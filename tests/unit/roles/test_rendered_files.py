@@ -42,6 +42,8 @@ VARIANTS = {
         "cpu_tuning_energy_perf_bias": None,
         "memory_tuning_prewarm_files": ["/srv/models/model.gguf"],
         "storage_tuning_block_queues": [{"match": "mmcblk[0-9]*"}],
+        "memory_tuning_thp_enabled": None,
+        "memory_tuning_thp_defrag": "never",
     },
 }
 
@@ -120,6 +122,13 @@ def test_tmpfiles_lines_set_thp_at_boot(rendered, tmp_path):
     )
     assert host.read("sys/kernel/mm/transparent_hugepage/enabled") == "never"
     assert host.read("sys/kernel/mm/transparent_hugepage/defrag") == "defer"
+
+
+def test_tmpfiles_leave_a_null_thp_setting_alone(rendered):
+    lines = (rendered["minimal"] / "llmfleet-thp.conf").read_text().splitlines()
+    assert [line for line in lines if not line.startswith("#")] == [
+        "w /sys/kernel/mm/transparent_hugepage/defrag - - - - never"
+    ]
 
 
 def systemd_verify(path: Path) -> list[str]:

@@ -27,12 +27,27 @@ def cgroup_hybrid(root: Path) -> fakehw.FakeHost:
     return host
 
 
+def old_thp(root: Path) -> fakehw.FakeHost:
+    host = fakehw.build("pi5", root)
+    host.write("sys/kernel/mm/transparent_hugepage/defrag", "always defer [madvise] never")
+    return host
+
+
+def no_thp(root: Path) -> fakehw.FakeHost:
+    host = fakehw.build("pi5", root)
+    host.remove("sys/kernel/mm/transparent_hugepage/enabled")
+    host.remove("sys/kernel/mm/transparent_hugepage/defrag")
+    return host
+
+
 TREES = {
     "pi5": lambda root: fakehw.build("pi5", root),
     "rk3588": lambda root: fakehw.build("rk3588", root),
     "x86": lambda root: fakehw.build("x86", root),
     "x86_rt_unthrottled": rt_unthrottled,
     "pi5_cgroup_hybrid": cgroup_hybrid,
+    "pi5_old_thp": old_thp,
+    "pi5_no_thp": no_thp,
 }
 
 # case: (tree, role, variables, fragment of the failure message)
@@ -85,6 +100,20 @@ FAILURES = {
         "memory_tuning",
         {"memory_tuning_thp_enabled": "sometimes"},
         "memory_tuning_thp_enabled",
+    ),
+    "thp_not_offered": (
+        "pi5_old_thp",
+        "memory_tuning",
+        {},
+        "memory_tuning_thp_defrag is 'defer+madvise'; thp_not_offered offers always defer madvise never",
+    ),
+    "thp_without_kernel_support": (
+        "pi5_no_thp",
+        "memory_tuning",
+        {},
+        "memory_tuning_thp_enabled is 'madvise'; thp_without_kernel_support offers nothing "
+        "(a kernel without THP) in /sys/kernel/mm/transparent_hugepage/enabled. Pick an offered value, "
+        "or null to leave it alone.",
     ),
     "page_cluster_20": (
         "pi5",
