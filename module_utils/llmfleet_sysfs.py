@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 
 __all__ = [
@@ -232,13 +233,30 @@ def apply_attribute_changes(root: str, changes: list[AttributeChange]) -> None:
                 f"it held '{change.before}'. The kernel refused the value: "
                 f"check that {change.owner} accepts it"
             ) from exc
-        text = read_attr(root, change.path)
-        now = parse_choice(text).selected if text is not None else None
+        now = _read_back(root, change.path, change.after)
         if now != change.after:
             raise SysfsError(
                 f"wrote '{change.after}' to {change.path} but it reads '{now}'; the kernel kept or rounded "
                 f"another value. Write a value {change.owner} holds exactly"
             )
+
+
+def _read_back(root: str, path: str, expected: str, attempts: int = 5, pause_s: float = 0.1) -> str | None:
+    """The value an attribute shows after a write.
+
+    A kernel attribute shows it at once. A file standing in for one (the test cluster's fake hardware)
+    is rewritten into the kernel's form just after the write, so a read can catch it half-written;
+    a few short retries ride that out without hiding a value the kernel really kept.
+    """
+    now = None
+    for attempt in range(attempts):
+        text = read_attr(root, path)
+        now = parse_choice(text).selected if text else None
+        if now == expected:
+            break
+        if attempt + 1 < attempts:
+            time.sleep(pause_s)
+    return now
 
 
 def render_state(changes: list[AttributeChange], side: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from ansible.module_utils import llmfleet_sysfs
 from ansible.module_utils.llmfleet_sysfs import (
     Choice,
     SysfsError,
@@ -218,8 +219,19 @@ def test_apply_reports_a_value_the_kernel_did_not_keep(pi5, monkeypatch):
         return real_open(path, mode, **kwargs)
 
     monkeypatch.setattr("builtins.open", kernel_that_ignores_writes)
+    monkeypatch.setattr(llmfleet_sysfs.time, "sleep", lambda _seconds: None)
     with pytest.raises(SysfsError, match=r"wrote 'never' to .*enabled but it reads 'madvise'"):
         apply_attribute_changes(str(pi5), changes)
+
+
+def test_apply_rereads_a_file_caught_half_rewritten(pi5, monkeypatch):
+    changes = plan_attribute_changes(str(pi5), THP_ENABLED, "never")
+    answers = iter(["", "always madvise [never]"])
+    monkeypatch.setattr(llmfleet_sysfs, "read_attr", lambda _root, _path: next(answers))
+    pauses = []
+    monkeypatch.setattr(llmfleet_sysfs.time, "sleep", pauses.append)
+    apply_attribute_changes(str(pi5), changes)
+    assert pauses == [0.1]
 
 
 def test_render_state_lists_every_attribute(rk3588):
