@@ -42,10 +42,7 @@ def test_spec_defaults_match_plain_defaults(role):
             assert spec[name].get("default") == value, name
 
 
-@pytest.mark.parametrize("role", ROLE_NAMES)
+@pytest.mark.parametrize("role", [r for r in ROLE_NAMES if (ROLES / r / "vars" / "main.yml").exists()])
 def test_internal_variables_are_marked(role):
-    path = ROLES / role / "vars" / "main.yml"
-    if not path.exists():
-        pytest.skip(f"{role} has no internal variables")
-    for name in load(path):
+    for name in load(ROLES / role / "vars" / "main.yml"):
         assert name.startswith(f"__{role}_"), name
