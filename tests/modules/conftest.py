@@ -5,17 +5,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import ansible.module_utils
 import pytest
 
+from tests.ansiblerun import REPO
 from tests.inference.conftest import Server, Worker, tiny_model  # noqa: F401  (tiny_model is a fixture)
 
-REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
 
 # Modules import `ansible.module_utils.llmfleet_*`; Ansible finds those through ansible.cfg when it packs a
@@ -44,60 +41,6 @@ def run_module(capsys):
         return json.loads(capsys.readouterr().out)
 
     return run
-
-
-def ansible_env(tmp_path: Path) -> dict:
-    """Ansible with our library, module_utils and roles and no other configuration."""
-    config = tmp_path / "ansible.cfg"
-    config.write_text("[defaults]\n")
-    return dict(
-        os.environ,
-        ANSIBLE_LIBRARY=str(REPO / "library"),
-        ANSIBLE_MODULE_UTILS=str(REPO / "module_utils"),
-        ANSIBLE_ROLES_PATH=str(REPO / "roles"),
-        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
-        ANSIBLE_HOME=str(tmp_path / "ansible-home"),
-        ANSIBLE_CONFIG=str(config),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_DEPRECATION_WARNINGS="0",
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-        ANSIBLE_LOCALHOST_WARNING="0",
-    )
-
-
-def ansible_adhoc(tmp_path: Path, module: str, args: dict, *extra: str) -> dict:
-    """Run ``ansible localhost -m <module>`` with our library and module_utils; return the task result."""
-    bin_dir = Path(sys.executable).parent
-    proc = subprocess.run(
-        [
-            str(bin_dir / "ansible"),
-            "localhost",
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            "-m",
-            module,
-            "-a",
-            json.dumps(args),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env=ansible_env(tmp_path),
-        timeout=120,
-    )
-    try:
-        output = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise AssertionError(
-            f"ansible printed no JSON (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        ) from None
-    return output["plays"][0]["tasks"][0]["hosts"]["localhost"]
 
 
 @pytest.fixture(scope="module")

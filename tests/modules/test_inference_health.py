@@ -6,8 +6,9 @@ import pytest
 from ansible.module_utils import llmfleet_health as health
 from ansible.module_utils import llmfleet_rpc as rpc
 
+from tests.ansiblerun import adhoc as ansible_adhoc
 from tests.inference.conftest import Server, free_port
-from tests.modules.conftest import API_KEY, ansible_adhoc
+from tests.modules.conftest import API_KEY
 
 
 def test_healthy_head_reports_workers_and_speed(head, worker):

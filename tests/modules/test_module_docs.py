@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.modules.conftest import REPO, ansible_env, load_library_module
+from tests.ansiblerun import REPO, ansible_env
+from tests.modules.conftest import load_library_module
 
 MODULES = ["rpc_worker_info", "inference_health"]
 

@@ -8,8 +8,8 @@ import socket
 import pytest
 from ansible.module_utils import llmfleet_rpc as rpc
 
+from tests.ansiblerun import adhoc as ansible_adhoc
 from tests.inference.conftest import free_port
-from tests.modules.conftest import ansible_adhoc
 from tests.modules.fakerpc import FakeRpcServer
 
 
