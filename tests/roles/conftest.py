@@ -13,7 +13,6 @@ from tests.ansiblerun import playbook
 
 HERE = Path(__file__).resolve().parent
 INVENTORY = HERE / "inventory.yml"
-MODEL = "/srv/models/qwen3-30b-a3b-q4_k.gguf"
 
 
 def nft_usable() -> bool:
@@ -26,7 +25,7 @@ def nft_usable() -> bool:
     return probe.returncode == 0
 
 
-def render(tmp_path: Path, inventory: Path = INVENTORY, model_src: str | None = MODEL, **extra) -> Path:
+def render(tmp_path: Path, inventory: Path = INVENTORY, **extra) -> Path:
     """Render every host's templates into tmp_path/<host>/ and return tmp_path."""
     venv_bin = tmp_path / "venv" / "bin"
     venv_bin.mkdir(parents=True)
@@ -36,7 +35,6 @@ def render(tmp_path: Path, inventory: Path = INVENTORY, model_src: str | None = 
         "render_dir": str(tmp_path),
         "rpc_worker_venv": str(tmp_path / "venv"),
         "inference_head_venv": str(tmp_path / "venv"),
-        **({"inference_head_model_src": model_src} if model_src else {}),
         "nft_validate": nft_usable(),
         **extra,
     }

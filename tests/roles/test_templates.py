@@ -67,6 +67,7 @@ def test_pinning_facts_limits_and_cuda_reach_the_units(rendered):
     assert "char-nvidia-uvm rw" in head["DeviceAllow"]
     assert head["MemoryDenyWriteExecute"] == ["no"]
     assert "--metrics-port" not in head["ExecStart"][0]
+    assert "--model /srv/models/synth-tiny-q8_0.gguf " in head["ExecStart"][0]
 
 
 def test_arguments_with_specifiers_or_spaces_reach_the_head_whole(rendered):
@@ -148,7 +149,7 @@ def test_rulesets_pass_nft_check(host, rendered):
 def test_example_inventory_passes_the_checks_and_renders(tmp_path):
     from tests.roles.conftest import render
 
-    out = render(tmp_path, inventory=REPO / "inventory/example", model_src=None, ansible_connection="local")
+    out = render(tmp_path, inventory=REPO / "inventory/example", ansible_connection="local")
     head = directives(out / "gpu1" / "llmfleet-head.service")
     assert "--model /srv/models/Qwen3-30B-A3B-Q4_K_M.gguf " in head["ExecStart"][0]
     workers = ",".join(f"10.0.0.1{i}:50052" for i in range(1, 5))

@@ -30,7 +30,10 @@ CASES = {
     "head_url_without_digest": (
         "inference_head",
         {"inference_head_model_url": "http://127.0.0.1/m.gguf", "inference_head_rpc_workers": []},
-        ["Set exactly one of inference_head_model_url (with inference_head_model_sha256"],
+        [
+            "Set exactly one of inference_head_model_url (with inference_head_model_sha256",
+            "inference_head_model_synth",
+        ],
     ),
     "head_two_model_sources": (
         "inference_head",
