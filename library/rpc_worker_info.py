@@ -15,6 +15,10 @@ description:
   - A worker serves one client at a time. While the head is connected, the kernel still accepts a new
     connection but nobody answers the hello; the module reports that as O(busy=true) and fails on it only
     with O(require_idle=true).
+  - Once the worker's listen queue is full (the head's own liveness probes fill it), new connections time
+    out as if a firewall dropped them. Run from the head, the module then finds the head's established
+    connection to the worker in C(/proc/net/tcp) and reports O(busy=true) too; from anywhere else a timeout
+    is C(unreachable).
   - Fails when nothing accepts the connection (the address is in the message), when the protocol major
     version differs from O(expected_major), or when the free memory is below O(min_free_bytes). The result
     keys are returned on failure too, so C(until) can test them.
@@ -105,8 +109,8 @@ reachable:
   type: bool
   sample: true
 busy:
-  description: Whether the worker accepted the connection but did not answer the hello, because it serves
-    another client.
+  description: Whether the worker serves another client - it accepted the connection but did not answer the
+    hello, or its listen queue is full while this host holds a connection to it.
   returned: always
   type: bool
   sample: false

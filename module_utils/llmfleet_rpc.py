@@ -4,7 +4,9 @@ Wire format (ggml/src/ggml-rpc/ggml-rpc.cpp): a request is ``cmd (1 byte) | size
 response is ``size (uint64 LE) | payload``. The first command of a connection must be HELLO with a 24-byte
 transport capability block; all zeros asks for plain TCP. The server serves one client at a time with a
 listen backlog of 1: while the head is connected, a new connection is accepted by the kernel but nobody reads
-from it, so the hello goes unanswered until the head leaves.
+from it, so the hello goes unanswered until the head leaves. Once two such connections wait (the head's own
+liveness probes fill the queue), the kernel drops further SYNs and a connect times out as if a firewall
+dropped it; from the head itself, its established connection to the worker tells the two apart.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ RPC_CMD_DEVICE_COUNT = 15
 RPC_CONN_CAPS_SIZE = 24
 HELLO_REPLY_SIZE = 4 + RPC_CONN_CAPS_SIZE
 DEFAULT_PORT = 50052
+TCP_ESTABLISHED = "01"
 
 
 class RpcError(Exception):
@@ -36,6 +39,10 @@ class WorkerUnreachable(RpcError):
     """Nothing accepted the TCP connection: no worker listens there, or the packets are dropped."""
 
     state = "unreachable"
+
+
+class ConnectTimeout(WorkerUnreachable):
+    """The TCP connection got no answer: a firewall drops it, the host is down, or the listen queue is full."""
 
 
 class WorkerBusy(RpcError):
@@ -117,7 +124,7 @@ def connect(host: str, port: int, timeout: float) -> RpcConnection:
             "connection refused: no RPC worker listens on that address and port; is its service running?",
         ) from exc
     except TimeoutError as exc:
-        raise WorkerUnreachable(
+        raise ConnectTimeout(
             endpoint,
             f"no answer to the TCP connection within {timeout:g} s: the host is down, a firewall drops the "
             "packets (the firewall role opens the port to the head only), or the worker's listen queue is full",
@@ -141,6 +148,30 @@ def connect(host: str, port: int, timeout: float) -> RpcConnection:
         sock.close()
         raise
     return RpcConnection(sock, endpoint, (reply[0], reply[1], reply[2]))
+
+
+def _proc_net_address(host: str, port: int) -> str | None:
+    """``host:port`` as /proc/net/tcp writes a remote address (IPv4, bytes reversed, hex)."""
+    try:
+        packed = socket.inet_aton(socket.gethostbyname(host))
+    except OSError:
+        return None
+    return f"{packed[::-1].hex().upper()}:{port:04X}"
+
+
+def held_from_here(host: str, port: int, proc_net_tcp: str = "/proc/net/tcp") -> bool:
+    """Whether a process of this host (the head) has an established TCP connection to ``host:port``."""
+    wanted = _proc_net_address(host, port)
+    try:
+        with open(proc_net_tcp) as handle:
+            lines = handle.read().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[2] == wanted and fields[3] == TCP_ESTABLISHED:
+            return True
+    return False
 
 
 def probe(host: str, port: int, timeout: float = 5.0, rtt_samples: int = 5) -> dict:
@@ -168,6 +199,18 @@ def probe(host: str, port: int, timeout: float = 5.0, rtt_samples: int = 5) -> d
     started = time.monotonic()
     try:
         conn = connect(host, port, timeout)
+    except ConnectTimeout as exc:
+        if not held_from_here(host, port):
+            result.update(state=exc.state, detail=str(exc))
+            return result
+        result.update(
+            state="busy",
+            reachable=True,
+            busy=True,
+            detail=f"RPC worker {endpoint}: its listen queue is full and this host holds an established "
+            "connection to it: the head here is connected, and the worker serves one client at a time",
+        )
+        return result
     except RpcError as exc:
         result.update(
             state=exc.state,

@@ -79,26 +79,70 @@ def test_refused_connection_names_the_address():
     assert "connection refused" in message
 
 
-def test_connect_timeout_is_unreachable():
-    # A listener whose accept queue is full drops further SYNs: the connect times out.
+def fill_listen_queue(port: int) -> list[socket.socket]:
+    """Connect until the kernel stops answering SYNs; return the connections made."""
+    queued = []
+    for _ in range(8):
+        s = socket.socket()
+        s.settimeout(0.3)
+        try:
+            s.connect(("127.0.0.1", port))
+        except TimeoutError:
+            s.close()
+            break
+        queued.append(s)
+    return queued
+
+
+def test_connect_timeout_without_a_connection_from_here_is_unreachable(monkeypatch):
+    # A listener whose accept queue is full drops further SYNs, as a firewall would: the connect times out.
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
     port = listener.getsockname()[1]
-    queued = []
+    queued = fill_listen_queue(port)
+    monkeypatch.setattr(rpc, "held_from_here", lambda host, port: False)
     try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            queued.append(s)
         info = rpc.probe("127.0.0.1", port, timeout=0.3)
     finally:
         for s in queued:
             s.close()
         listener.close()
-    assert info["state"] == "unreachable"
+    assert info["state"] == "unreachable" and info["reachable"] is False
     assert "no answer to the TCP connection within 0.3 s" in info["detail"]
+
+
+def test_a_worker_whose_queue_the_head_filled_is_busy_seen_from_the_head(worker):
+    # The head holds the worker and its liveness probes fill the listen queue: new SYNs are dropped. From
+    # the head's host its established connection shows the worker is alive.
+    holder = rpc.connect("127.0.0.1", worker.port, timeout=5)
+    queued = fill_listen_queue(worker.port)
+    try:
+        assert rpc.held_from_here("127.0.0.1", worker.port)
+        info = rpc.probe("127.0.0.1", worker.port, timeout=0.3)
+    finally:
+        for s in queued:
+            s.close()
+        holder.close()
+    assert info["state"] == "busy" and info["reachable"] is True
+    assert "listen queue is full and this host holds an established connection" in info["detail"]
+    assert rpc.problems(info, expected_major=7) == []
+
+
+def test_held_from_here_reads_established_connections(tmp_path):
+    table = tmp_path / "tcp"
+    header = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    )
+    # 10.77.0.21:40000 -> 10.77.0.11:50052, first ESTABLISHED (01), then FIN_WAIT2 (05).
+    row = "   0: 15004D0A:9C40 0B004D0A:C384 {} 00000000:00000000 00:00000000 00000000 0 0 1 1\n"
+    table.write_text(header + row.format("01"))
+    assert rpc.held_from_here("10.77.0.11", 50052, str(table))
+    assert not rpc.held_from_here("10.77.0.12", 50052, str(table))
+    assert not rpc.held_from_here("10.77.0.11", 50053, str(table))
+    table.write_text(header + row.format("05"))
+    assert not rpc.held_from_here("10.77.0.11", 50052, str(table))
+    assert not rpc.held_from_here("10.77.0.11", 50052, str(tmp_path / "missing"))
 
 
 def test_other_major_version_fails_with_both_versions(fake):
