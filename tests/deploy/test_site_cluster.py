@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -135,15 +137,34 @@ def worker_info_from(tmp_path: Path, source, target) -> dict:
 
 def test_rpc_port_answers_the_head_alone(converged):
     tmp, _ = converged
-    from_head = worker_info_from(tmp, GPU, PI1)
-    assert from_head["state"] in ("ok", "busy"), from_head
-    from_other_pi = worker_info_from(tmp, PI2, PI1)
+    # While the head holds pi1, its listen queue is full for everyone: seen from the head, it is busy.
+    assert worker_info_from(tmp, GPU, PI1)["state"] == "busy"
+    # With the head stopped, pi1 is idle: only the firewall can keep pi2 and the controller out.
+    on(GPU, "systemctl stop llmfleet-head.service")
+    try:
+        from_head = worker_info_from(tmp, GPU, PI1)
+        from_other_pi = worker_info_from(tmp, PI2, PI1)
+        with pytest.raises(TimeoutError):
+            socket.create_connection((PI1.address, 50052), timeout=2).close()
+    finally:
+        on(GPU, "systemctl start llmfleet-head.service")
+    assert from_head["state"] == "ok", from_head
     assert from_other_pi["state"] == "unreachable", from_other_pi
     assert "no answer to the TCP connection" in from_other_pi["detail"]
-    with pytest.raises(OSError):
-        import socket
+    assert "counter packets 0 " not in on(PI1, "nft list table inet llmfleet")
+    wait_healthy()
 
-        socket.create_connection((PI1.address, 50052), timeout=2).close()
+
+def wait_healthy(timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if api("/health")[1].get("status") == "ok":
+                return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"the head did not report ok within {timeout} s")
 
 
 def api(path: str, body: dict | None = None, key: str | None = None):
@@ -167,12 +188,10 @@ def test_api_wants_the_key_and_health_does_not(converged):
     assert [w["endpoint"] for w in body["workers"]] == [f"{h.address}:50052" for h in config.HOSTS[:4]]
 
 
-def test_api_port_is_dropped_for_hosts_not_listed(converged):
-    result = ssh.run(
-        PI2,
-        f"python3 -c \"import socket; socket.create_connection(('{GPU.address}', 8080), 3)\"",
-        check=False,
-    )
+@pytest.mark.parametrize("port", [8080, 9180])
+def test_api_and_metrics_ports_are_dropped_for_hosts_not_listed(converged, port):
+    probe = f"import socket; socket.create_connection(('{GPU.address}', {port}), 3)"
+    result = ssh.run(PI2, f'python3 -c "{probe}"', check=False)
     assert result.returncode != 0 and "timed out" in result.stderr
 
 
