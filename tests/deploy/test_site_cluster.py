@@ -1,0 +1,229 @@
+"""playbooks/site.yml against the local cluster (tests/cluster): it converges, a second run and --check change
+nothing, the firewall lets the head alone reach the workers, the API wants its key, and a greedy completion
+through four Pi workers is the one a local load of the same model gives."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.ansiblerun import BIN, REPO, host_results, run_json
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+cluster_conftest = pytest.importorskip(
+    "tests.cluster.conftest", reason="the local cluster harness (tests/cluster) is not in this checkout"
+)
+local_cluster = cluster_conftest.local_cluster
+
+from tests.cluster import config, ssh, wheelhouse  # noqa: E402  (only once the harness is known to be here)
+
+INVENTORY = REPO / "inventory/local/hosts.yml"
+PI1, PI2, GPU = (config.host_by_name(name) for name in ("pi1", "pi2", "gpu1"))
+PROMPT = "The quick brown fox"
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def site_vars() -> dict:
+    variables = {
+        # A synthetic model written on the head, so the cluster needs no download.
+        "inference_head_model_synth": "tiny",
+        "inference_head_ctx": 1024,
+        "inference_head_parallel": 2,
+        # As the local reference below: flash attention changes the arithmetic of near-tied tokens.
+        "inference_head_flash_attn": "on",
+        # The controller is the API's client in these tests.
+        "firewall_api_allowed_cidrs": [f"{config.BRIDGE_ADDRESS}/32"],
+    }
+    probe = subprocess.run(
+        [str(SYSTEM_PYTHON), "-c", "import setuptools, wheel"], capture_output=True, check=False
+    )
+    if probe.returncode == 0:
+        # Build the llmfleet wheel without reaching a package index.
+        variables["inference_package_build_python"] = str(SYSTEM_PYTHON)
+    return variables
+
+
+def site(tmp_path: Path, *args: str) -> dict:
+    vars_file = tmp_path / "site-vars.json"
+    vars_file.write_text(json.dumps(site_vars()))
+    _, output = run_json(
+        tmp_path,
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(INVENTORY),
+            "-e",
+            f"@{vars_file}",
+            "playbooks/site.yml",
+            *args,
+        ],
+        timeout=3600,
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+    )
+    return output
+
+
+def totals(output: dict) -> dict[str, dict]:
+    return output["stats"]
+
+
+@pytest.fixture(scope="module")
+def converged(local_cluster, tmp_path_factory):
+    if not (REPO / "playbooks/tune.yml").exists():
+        pytest.skip("playbooks/site.yml imports playbooks/tune.yml, which the tuning roles bring")
+    if not wheelhouse.is_complete(wheelhouse.deps_dir()):
+        pytest.skip("the hosts' wheelhouse is not filled: run `python -m tests.cluster wheelhouse`")
+    tmp = tmp_path_factory.mktemp("site")
+    return tmp, site(tmp)
+
+
+def on(host, command: str) -> str:
+    result = ssh.run(host, command, check=False)
+    assert result.returncode == 0, f"{host.name}: `{command}` failed: {result.stderr}"
+    return result.stdout
+
+
+def test_site_converges_on_every_host(converged):
+    _, output = converged
+    for host, stats in totals(output).items():
+        assert stats["failures"] == 0 and stats["unreachable"] == 0, (host, output)
+    report = host_results(output, "gpu1")["Report the measured numbers"]["msg"]
+    assert "is ok on gpu1 with 4 of 4 workers connected" in report, report
+
+
+def test_second_run_changes_nothing(converged):
+    tmp, _ = converged
+    output = site(tmp)
+    assert {host: stats["changed"] for host, stats in totals(output).items()} == dict.fromkeys(
+        totals(output), 0
+    )
+
+
+def test_check_mode_reports_no_change(converged):
+    tmp, _ = converged
+    output = site(tmp, "--check")
+    for host, stats in totals(output).items():
+        assert stats["changed"] == 0 and stats["failures"] == 0, (host, stats)
+
+
+def worker_info_from(tmp_path: Path, source, target) -> dict:
+    _, output = run_json(
+        tmp_path,
+        [
+            str(BIN / "ansible"),
+            source.name,
+            "-i",
+            str(INVENTORY),
+            "-m",
+            "rpc_worker_info",
+            "-a",
+            json.dumps({"host": target.address, "port": 50052, "timeout": 2}),
+        ],
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+    )
+    return output["plays"][0]["tasks"][0]["hosts"][source.name]
+
+
+def test_rpc_port_answers_the_head_alone(converged):
+    tmp, _ = converged
+    # While the head holds pi1, its listen queue is full for everyone: seen from the head, it is busy.
+    assert worker_info_from(tmp, GPU, PI1)["state"] == "busy"
+    # With the head stopped, pi1 is idle: only the firewall can keep pi2 and the controller out.
+    on(GPU, "systemctl stop llmfleet-head.service")
+    try:
+        from_head = worker_info_from(tmp, GPU, PI1)
+        from_other_pi = worker_info_from(tmp, PI2, PI1)
+        with pytest.raises(TimeoutError):
+            socket.create_connection((PI1.address, 50052), timeout=2).close()
+    finally:
+        on(GPU, "systemctl start llmfleet-head.service")
+    assert from_head["state"] == "ok", from_head
+    assert from_other_pi["state"] == "unreachable", from_other_pi
+    assert "no answer to the TCP connection" in from_other_pi["detail"]
+    assert "counter packets 0 " not in on(PI1, "nft list table inet llmfleet")
+    wait_healthy()
+
+
+def wait_healthy(timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if api("/health")[1].get("status") == "ok":
+                return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"the head did not report ok within {timeout} s")
+
+
+def api(path: str, body: dict | None = None, key: str | None = None):
+    request = urllib.request.Request(
+        f"http://{GPU.address}:8080{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_api_wants_the_key_and_health_does_not(converged):
+    status, body = api("/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body = api("/health")
+    assert status == 200 and body["status"] == "ok"
+    assert [w["endpoint"] for w in body["workers"]] == [f"{h.address}:50052" for h in config.HOSTS[:4]]
+
+
+@pytest.mark.parametrize("port", [8080, 9180])
+def test_api_and_metrics_ports_are_dropped_for_hosts_not_listed(converged, port):
+    probe = f"import socket; socket.create_connection(('{GPU.address}', {port}), 3)"
+    result = ssh.run(PI2, f'python3 -c "{probe}"', check=False)
+    assert result.returncode != 0 and "timed out" in result.stderr
+
+
+def test_greedy_completion_through_the_cluster_equals_a_local_run(converged, tmp_path):
+    from llama_cpp import Llama
+
+    from inference.synth import synth_model
+
+    local = tmp_path / "tiny.gguf"
+    synth_model("tiny", "q8_0", local, seed=0)
+    remote_digest = on(GPU, "sha256sum /srv/models/synth-tiny-q8_0.gguf").split()[0]
+    assert remote_digest == hashlib.sha256(local.read_bytes()).hexdigest()
+    llm = Llama(model_path=str(local), n_ctx=512, n_threads=1, flash_attn=True, verbose=False)
+    ids = []
+    for token in llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0, top_k=1):
+        if token == llm.token_eos() or len(ids) == 16:
+            break
+        ids.append(token)
+    expected = llm.detokenize(ids).decode("utf-8", "replace")
+    llm.close()
+    key = on(GPU, "cat /etc/llmfleet/head-api-key").strip()
+    status, body = api("/v1/completions", {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}, key=key)
+    assert status == 200, body
+    assert body["choices"][0]["text"] == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "unit"), [(PI1, "llmfleet-rpc-worker.service"), (GPU, "llmfleet-head.service")]
+)
+def test_services_expose_at_most_three(converged, host, unit):
+    text = on(host, f"systemd-analyze security --no-pager {unit}")
+    value = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", text).group(1))
+    print(f"{host.name} {unit}: exposure {value}", file=sys.stderr)
+    assert value <= 3.0
+    assert on(host, f"systemctl show -p ActiveState --value {unit}").strip() == "active"
