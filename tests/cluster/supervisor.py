@@ -55,6 +55,9 @@ def nspawn_argv(host: Host, files: HostFiles) -> list[str]:
         "--console=read-only",
         "--resolv-conf=off",
         "--link-journal=no",
+        # The firewall role loads nftables rules; each host has its own network namespace, so this reaches
+        # no one else's rules.
+        "--capability=CAP_NET_ADMIN",
         f"--bind={files.fakehw}:{config.HOST_FAKEHW_DIR}",
         f"--bind-ro={config.WHEELHOUSE_ROOT}:{config.HOST_WHEELHOUSE}",
     ]
