@@ -17,7 +17,7 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential cmake git curl 
 LLAMA_SERVER_DIR ?= $(HOME)/.cache/llmfleet/llama-server-$(LLAMA_CPP_PYTHON_VERSION)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
 
-.PHONY: help system-packages wheelhouse install demo test lint unit bench llama-server cluster-wheelhouse
+.PHONY: help system-packages wheelhouse install demo demo-down test lint unit bench llama-server cluster-wheelhouse
 
 help:
 	@echo "make demo   install everything and run the service on a local cluster"
@@ -66,8 +66,14 @@ bench: install $(LLAMA_SERVER)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m inference bench --llama-server $(LLAMA_SERVER)
 
-demo: install
-	$(BIN)/python -m inference demo
+# The main job on the local five-host cluster: tune, deploy the sharded service, check it, show it.
+demo: install cluster-wheelhouse
+	$(BIN)/python -m tests.cluster up
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-playbook playbooks/site.yml
+	$(BIN)/python -m tests.cluster report
+
+demo-down:
+	$(BIN)/python -m tests.cluster down
 
 lint: install
 	$(BIN)/ruff check .

@@ -46,6 +46,31 @@ def _wheelhouse(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(_args: argparse.Namespace) -> int:
+    """What the demo shows once site.yml has run: the head's health and one completion through the workers."""
+    import json
+    import urllib.request
+
+    from tests.cluster import config, ssh
+
+    head = config.host_by_name("gpu1")
+    key = ssh.run(head, "cat /etc/llmfleet/head-api-key").stdout.strip()
+    base = f"http://{head.address}:8080"
+    with urllib.request.urlopen(base + "/health", timeout=30) as resp:
+        print("GET /health:", json.dumps(json.loads(resp.read()), indent=2))
+    body = {"prompt": "A small cluster of Raspberry Pis", "max_tokens": 32, "temperature": 0}
+    request = urllib.request.Request(
+        base + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        reply = json.loads(resp.read())
+    print("POST /v1/completions:", json.dumps(reply["choices"][0]["text"]), "usage:", reply["usage"])
+    print("The cluster stays up; tear it down with `make demo-down` (python -m tests.cluster down).")
+    return 0
+
+
 def _supervise(args: argparse.Namespace) -> int:
     return supervisor.supervise(config.host_by_name(args.host))
 
@@ -60,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     reboot = sub.add_parser("reboot", help="reboot one host, keeping its disk, and wait for SSH")
     reboot.add_argument("host", choices=hosts)
     reboot.set_defaults(func=_reboot)
+    sub.add_parser("report", help="print the head's health and one completion (after site.yml)").set_defaults(
+        func=_report
+    )
     sub.add_parser("image", help="build the base image only").set_defaults(func=_image)
     sub.add_parser("wheelhouse", help="collect the hosts' Python wheels on this machine").set_defaults(
         func=_wheelhouse
