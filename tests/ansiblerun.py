@@ -17,7 +17,7 @@ def ansible_env(tmp_path: Path, **extra: str) -> dict:
     config = tmp_path / "ansible.cfg"
     if not config.exists():
         config.write_text("[defaults]\n")
-    return dict(
+    env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(config),
         ANSIBLE_LIBRARY=str(REPO / "library"),
@@ -32,8 +32,9 @@ def ansible_env(tmp_path: Path, **extra: str) -> dict:
         ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
         ANSIBLE_LOCALHOST_WARNING="0",
         ANSIBLE_RETRY_FILES_ENABLED="0",
-        **extra,
     )
+    env.update(extra)  # the caller's settings win, ANSIBLE_CONFIG included
+    return env
 
 
 def run(tmp_path: Path, argv: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
