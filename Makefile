@@ -88,6 +88,14 @@ unit: install
 cluster-wheelhouse: install
 	$(BIN)/python -m tests.cluster wheelhouse
 
+# Tuning roles whose molecule scenario (apply, idempotence, verify, reboot, verify again) runs on the cluster.
+MOLECULE_ROLES := cpu_tuning memory_tuning
+
 test: lint cluster-wheelhouse
 	$(BIN)/pytest
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/molecule test -s cluster
+	$(BIN)/python -m tests.cluster up
+	for role in $(MOLECULE_ROLES); do \
+	  (cd roles/$$role && PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/molecule test) || exit 1; \
+	done
+	$(BIN)/python -m tests.cluster down
