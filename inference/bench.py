@@ -2,6 +2,13 @@
 
 Every server gets the same model, thread count and context; clients send completions at temperature 0 and
 the aggregate rate counts the completion tokens each server reports. Prints a Markdown table.
+
+With ``--prompt-tokens N`` every request carries a prompt of exactly N tokens (token ids built with the
+model's own tokenizer, distinct for every request so that no server can reuse a cached prompt), and the
+prompt size each server reports is checked. Besides the aggregate rate, the table gives the decode rate of
+one stream (completion tokens after the first over the time from the first to the last) and the time to
+the first token. RPC runs go through a link-emulating relay per worker (``inference.netsim``) that counts
+bytes and round trips; workers can be pinned to cores and kept off the GPU to stand in for small boards.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import http.client
 import json
 import os
 import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -18,9 +26,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from inference.netsim import Relay
+from inference.netsim import ProcessRelay
 
 CACHE = pathlib.Path(os.environ.get("LLMFLEET_CACHE", pathlib.Path.home() / ".cache" / "llmfleet"))
 PROMPTS = [
@@ -33,6 +42,36 @@ PROMPTS = [
     "def quicksort(items):",
     "The four seasons of the year are",
 ]
+# Words for prompts of a given token count: common English, so the text tokenizes like ordinary prose.
+WORDS = (
+    "the of and to in is that for it as with was on be by at this from have or one had not but what all "
+    "were when we there can an your which their said if do will each about how up out them then she many "
+    "some so these would other into has more her two like him see time could no make than first been its "
+    "who now people my made over did down only way find use may water long little very after words called "
+    "just where most know get through back much before go good new write our used me man too any day same "
+    "right look think also around another came come work three word must because does part even place "
+    "well"
+)
+
+WORD_LIST = WORDS.split()
+
+
+def prompt_of_tokens(tokenize: Callable[[str], list[int]], n: int, seed: int) -> list[int]:
+    """Exactly ``n`` token ids of English-like text (``tokenize`` maps text to ids, without special tokens).
+
+    The text starts with the seed, so prompts of different seeds part after a token or two and a server's
+    prompt cache cannot shorten a measured prefill.
+    """
+    if n < 1:
+        raise ValueError(f"a prompt needs at least one token, not {n}")
+    rng = random.Random(seed)
+    text = f"{seed}."
+    tokens = tokenize(text)
+    while len(tokens) < n:
+        words = max(4, n - len(tokens))
+        text += " " + " ".join(rng.choice(WORD_LIST) for _ in range(words))
+        tokens = tokenize(text)
+    return tokens[:n]
 
 
 @dataclass
@@ -42,6 +81,7 @@ class Target:
     ready_path: str
     port: int
     env: dict | None = None
+    kind: str = "llmfleet"
 
 
 @dataclass
@@ -53,6 +93,9 @@ class Result:
     ttft: float
     rpc_bytes_per_token: float | None = None
     rpc_round_trips_per_token: float | None = None
+    decode_rate: float | None = None  # tokens/s of one stream after its first token, mean over requests
+    prompt_tokens: float | None = None  # mean prompt size the server reported
+    ttft_max: float | None = None
 
     @property
     def rate(self) -> float:
@@ -78,8 +121,23 @@ def _request(port: int, path: str, body: dict | None = None, timeout: float = 60
         conn.close()
 
 
-def _stream_completion(port: int, prompt: str, max_tokens: int) -> tuple[int, float]:
-    """(completion tokens, seconds to the first token) of one streamed request."""
+@dataclass
+class Stream:
+    """What one streamed request gave: token counts as the server reported them, and timings."""
+
+    tokens: int
+    ttft: float
+    last: float  # seconds from sending to the last text chunk
+    prompt_tokens: int | None = None
+
+    @property
+    def decode_rate(self) -> float | None:
+        span = self.last - self.ttft
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else None
+
+
+def _stream_completion(port: int, prompt: str | list[int], max_tokens: int) -> Stream:
+    """One streamed request."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -90,8 +148,10 @@ def _stream_completion(port: int, prompt: str, max_tokens: int) -> tuple[int, fl
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     started = time.perf_counter()
     first = None
+    last = 0.0
     chunks = 0
     usage = None
+    prompt_n = None
     try:
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -104,13 +164,15 @@ def _stream_completion(port: int, prompt: str, max_tokens: int) -> tuple[int, fl
             data = json.loads(line[6:])
             if data.get("usage"):
                 usage = data["usage"]["completion_tokens"]
+                prompt_n = data["usage"].get("prompt_tokens")
             if data.get("choices") and data["choices"][0].get("text"):
                 chunks += 1
+                last = time.perf_counter() - started
                 if first is None:
-                    first = time.perf_counter() - started
+                    first = last
     finally:
         conn.close()
-    return (usage if usage is not None else chunks), (first or 0.0)
+    return Stream(usage if usage is not None else chunks, first or 0.0, last, prompt_n)
 
 
 def wait_ready(proc: subprocess.Popen, port: int, path: str, timeout: float = 600.0) -> None:
@@ -128,24 +190,32 @@ def wait_ready(proc: subprocess.Popen, port: int, path: str, timeout: float = 60
     raise RuntimeError("server did not become ready")
 
 
-def measure(target: Target, clients: int, requests_per_client: int, max_tokens: int) -> Result:
+def measure(
+    target: Target,
+    clients: int,
+    requests_per_client: int,
+    max_tokens: int,
+    prompt: Callable[[int], str | list[int]] | None = None,
+) -> Result:
+    """``prompt(k)`` gives the k-th request's prompt (default: the fixed PROMPTS in turn)."""
     totals = [0] * clients
-    ttfts: list[float] = []
+    streams: list[Stream] = []
     errors: list[str] = []
+    prompt = prompt or (lambda k: PROMPTS[k % len(PROMPTS)])
+    # Build every prompt before the clock starts: tokenizing is not the servers' time.
+    prompts = {(i, r): prompt(i + r * clients) for i in range(clients) for r in range(requests_per_client)}
 
     def client(i: int) -> None:
         for r in range(requests_per_client):
             try:
-                n, ttft = _stream_completion(
-                    target.port, PROMPTS[(i + r * clients) % len(PROMPTS)], max_tokens
-                )
+                stream = _stream_completion(target.port, prompts[i, r], max_tokens)
             except (OSError, RuntimeError) as exc:
                 errors.append(str(exc))
                 return
-            totals[i] += n
-            ttfts.append(ttft)
+            totals[i] += stream.tokens
+            streams.append(stream)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -154,15 +224,45 @@ def measure(target: Target, clients: int, requests_per_client: int, max_tokens: 
     elapsed = time.perf_counter() - started
     if errors:
         raise RuntimeError(f"{target.name}: {errors[0]}")
-    return Result(target.name, clients, sum(totals), elapsed, sum(ttfts) / len(ttfts))
+    rates = [s.decode_rate for s in streams if s.decode_rate is not None]
+    reported = [s.prompt_tokens for s in streams if s.prompt_tokens is not None]
+    return Result(
+        target.name,
+        clients,
+        sum(totals),
+        elapsed,
+        sum(s.ttft for s in streams) / len(streams),
+        decode_rate=sum(rates) / len(rates) if rates else None,
+        prompt_tokens=sum(reported) / len(reported) if reported else None,
+        ttft_max=max(s.ttft for s in streams),
+    )
 
 
 def start(target: Target, log_dir: pathlib.Path) -> subprocess.Popen:
-    log = (log_dir / f"{target.name.replace(' ', '_').replace('/', '_')}.log").open("wb")
     env = dict(os.environ, **(target.env or {}))
-    return subprocess.Popen(
-        target.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+    with (log_dir / f"{target.name.replace(' ', '_').replace('/', '_')}.log").open("ab") as log:
+        proc = subprocess.Popen(
+            target.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    # Each server leads a process group of its own; a script that must kill a stuck run finds them here.
+    with (log_dir / "pids").open("a") as pids:
+        pids.write(f"{proc.pid}\n")
+    return proc
+
+
+def parse_cpu_sets(text: str | None, workers: int) -> list[str | None]:
+    """``0-3:4-7`` -> one taskset CPU list per worker (colon-separated, as CPU lists hold commas)."""
+    if not text:
+        return [None] * workers
+    sets = [s.strip() for s in text.split(":")]
+    if len(sets) != workers or not all(sets):
+        raise ValueError(f"--rpc-worker-cpus {text!r} needs {workers} non-empty CPU lists separated by ':'")
+    return sets
+
+
+def worker_command(port: int, threads: int, cpus: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "inference", "worker", "--port", str(port), "--threads", str(threads)]
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -187,22 +287,41 @@ def ensure_model(path: pathlib.Path | None, shape: str, quant: str) -> pathlib.P
     return path
 
 
-def targets(args, model: pathlib.Path) -> list[tuple[Target, list[subprocess.Popen]]]:
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def targets(args, model: pathlib.Path) -> list[tuple[str, Callable[[], Target]]]:
     py = sys.executable
     common = ["--threads", str(args.threads), "--ctx", str(args.ctx), "--parallel", str(args.parallel)]
+    if args.flash_attn:
+        common += ["--flash-attn", args.flash_attn]
+    if args.gpu_layers is not None:
+        common += ["--gpu-layers", str(args.gpu_layers)]
     out = []
 
-    def ours(name: str, extra: list[str]) -> Target:
+    def ours(name: str, extra: list[str], env: dict | None = None, kind: str = "llmfleet") -> Target:
         port = free_port()
         cmd = [py, "-m", "inference", "serve", "--model", str(model), "--port", str(port), *common, *extra]
-        return Target(name, cmd, "/health", port)
+        return Target(name, cmd, "/health", port, env, kind)
 
-    out.append(("llmfleet", lambda: ours("llmfleet", [])))
+    if not args.skip_local:
+        out.append(("llmfleet", lambda: ours("llmfleet", [])))
     if args.llama_server:
         port = free_port()
         cmd = [args.llama_server, "-m", str(model), "--port", str(port), "-t", str(args.threads), "-tb"]
         cmd += [str(args.threads), "-c", str(args.ctx), "-np", str(args.parallel), "--no-webui"]
-        out.append(("llama-server", lambda c=cmd, p=port: Target("llama-server", c, "/health", p)))
+        if args.flash_attn:
+            cmd += ["-fa", args.flash_attn]
+        if args.gpu_layers is not None:
+            cmd += ["-ngl", str(args.gpu_layers)]
+        if args.kv_unified:
+            cmd += ["-kvu"]
+        out.append(
+            (
+                "llama-server",
+                lambda c=cmd, p=port: Target("llama-server", c, "/health", p, kind="llama-server"),
+            )
+        )
     if not args.skip_llama_cpp_python:
         port = free_port()
         cmd = [py, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port)]
@@ -214,11 +333,24 @@ def targets(args, model: pathlib.Path) -> list[tuple[Target, list[subprocess.Pop
             "--n_ctx",
             str(args.ctx),
         ]
-        out.append(("llama_cpp.server", lambda c=cmd, p=port: Target("llama_cpp.server", c, "/v1/models", p)))
+        out.append(
+            (
+                "llama_cpp.server",
+                lambda c=cmd, p=port: Target("llama_cpp.server", c, "/v1/models", p, kind="llama_cpp.server"),
+            )
+        )
+    head_env = CPU_ONLY if args.rpc_head_device == "cpu" else None
     for split in args.rpc_splits:
         label = f"llmfleet rpc x{args.rpc_workers} {split}"
-        out.append((label, lambda s=split, n=label: ours(n, ["--split", s])))
+        out.append((label, lambda s=split, n=label: ours(n, ["--split", s], head_env, "rpc")))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``bench`` command: a SIGTERM (e.g. from ``timeout``) unwinds through ``run``'s cleanup, which
+    stops the servers and workers it started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    return run(argv)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -228,26 +360,77 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant", default="q8_0")
     parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary")
     parser.add_argument("--skip-llama-cpp-python", action="store_true")
+    parser.add_argument(
+        "--skip-local", action="store_true", help="no run of this service without RPC workers"
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument(
+        "--flash-attn", choices=["auto", "on", "off"], help="for every server (default: theirs)"
+    )
+    parser.add_argument("--gpu-layers", type=int, help="layers offloaded, for every server (default: theirs)")
+    parser.add_argument(
+        "--kv-unified",
+        action="store_true",
+        help="give llama-server one KV pool for all slots (-kvu), as this service always has",
+    )
     parser.add_argument("--clients", default="1,4")
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help="send prompts of exactly this many tokens, distinct for every request (default: short fixed prompts)",
+    )
     parser.add_argument("--rpc-splits", default="layer,tensor", help="comma list; empty for none")
     parser.add_argument("--rpc-workers", type=int, default=2, help="loopback RPC workers for the rpc runs")
     parser.add_argument("--rpc-worker-threads", type=int, default=1)
+    parser.add_argument(
+        "--rpc-worker-cpus",
+        help="pin each worker to CPUs with taskset: one CPU list per worker, separated by ':' (e.g. 0-3:4-7)",
+    )
+    parser.add_argument(
+        "--rpc-worker-device",
+        choices=["auto", "cpu"],
+        default="auto",
+        help="cpu: hide GPUs from the workers, so they serve the CPU as a small board would",
+    )
+    parser.add_argument(
+        "--rpc-head-device", choices=["auto", "cpu"], default="auto", help="cpu: hide GPUs from the head"
+    )
+    parser.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="connect the head to the workers directly (no counts, no link)",
+    )
     parser.add_argument(
         "--link-delay-ms", type=float, default=0.0, help="one-way delay of each worker's link"
     )
     parser.add_argument("--link-rate-mbit", type=float, help="rate of each worker's link (e.g. 940 for a Pi)")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="repeat every server this often; medians reported"
+        "--link-after-load",
+        action="store_true",
+        help="load the model at loopback speed and apply the link's delay and rate only for the measurements",
     )
-    parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="seconds a server may take to load"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat every server this often; the median round is reported"
+    )
+    parser.add_argument(
+        "--json", type=pathlib.Path, help="also write the results here (rewritten after every run)"
+    )
     args = parser.parse_args(argv)
     args.rpc_splits = [s for s in args.rpc_splits.split(",") if s]
     clients = [int(c) for c in args.clients.split(",")]
+    try:
+        cpu_sets = parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        parser.error(f"--prompt-tokens {args.prompt_tokens} must be at least 1")
     if (
         args.llama_server
         and not shutil.which(args.llama_server)
@@ -257,6 +440,18 @@ def run(argv: list[str] | None = None) -> int:
             f"--llama-server {args.llama_server} is not an executable; build it with `make llama-server`"
         )
     model = ensure_model(args.model, args.shape, args.quant)
+    prompt = None
+    if args.prompt_tokens:
+        from inference.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(str(model))
+
+        def prompt(k: int) -> list[int]:
+            return prompt_of_tokens(
+                lambda text: tokenizer.tokenize(text, add_special=False), args.prompt_tokens, next(seeds)
+            )
+
+        seeds = iter(range(1, 1 << 30))  # a fresh prompt for every request of the whole run
     log_dir = CACHE / "bench-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
@@ -264,30 +459,41 @@ def run(argv: list[str] | None = None) -> int:
     plan = [t for _ in range(args.rounds) for t in targets(args, model)]
     for name, make_target in plan:
         workers: list[subprocess.Popen] = []
-        relays: list[Relay] = []
+        relays: list[ProcessRelay] = []
         target = make_target()
-        if "rpc" in name:
+        if target.kind == "rpc":
             endpoints = []
-            for _ in range(args.rpc_workers):
+            worker_env = CPU_ONLY if args.rpc_worker_device == "cpu" else None
+            for cpus in cpu_sets:
                 port = free_port()
-                worker_cmd = [sys.executable, "-m", "inference", "worker", "--port", str(port)]
-                worker_cmd += ["--threads", str(args.rpc_worker_threads)]
-                workers.append(start(Target(f"worker-{port}", worker_cmd, "", port), log_dir))
-                relay = Relay(("127.0.0.1", port), args.link_delay_ms, args.link_rate_mbit).start()
+                worker_cmd = worker_command(port, args.rpc_worker_threads, cpus)
+                workers.append(start(Target(f"worker-{port}", worker_cmd, "", port, worker_env), log_dir))
+                if args.no_relay:
+                    endpoints.append(f"127.0.0.1:{port}")
+                    continue
+                delay, rate = (
+                    (0.0, None) if args.link_after_load else (args.link_delay_ms, args.link_rate_mbit)
+                )
+                relay = ProcessRelay(("127.0.0.1", port), delay, rate).start()
                 relays.append(relay)
                 endpoints.append(relay.endpoint)
             time.sleep(2)
             target.command += ["--rpc", ",".join(endpoints)]
-            if "tensor" in name:
+            if "tensor" in name and not args.flash_attn:
                 target.command += ["--flash-attn", "on"]
         print(f"# {name}: {' '.join(target.command)}", file=sys.stderr, flush=True)
         proc = start(target, log_dir)
         try:
-            wait_ready(proc, target.port, target.ready_path)
-            measure(target, 1, 1, 8)  # warm-up
+            loading = time.perf_counter()
+            wait_ready(proc, target.port, target.ready_path, args.ready_timeout)
+            print(f"  ready in {time.perf_counter() - loading:.1f} s", file=sys.stderr, flush=True)
+            if args.link_after_load:
+                for r in relays:
+                    r.set_link(args.link_delay_ms, args.link_rate_mbit)
+            measure(target, 1, 1, 8, prompt)  # warm-up
             for c in clients:
                 before = [r.stats.snapshot() for r in relays]
-                result = measure(target, c, args.requests, args.max_tokens)
+                result = measure(target, c, args.requests, args.max_tokens, prompt)
                 if relays and result.tokens:
                     after = [r.stats.snapshot() for r in relays]
                     moved = sum(
@@ -300,10 +506,21 @@ def run(argv: list[str] | None = None) -> int:
                     result.rpc_bytes_per_token = moved / result.tokens
                     result.rpc_round_trips_per_token = turns / result.tokens
                 results.append(result)
+                if args.json:
+                    write_json(args.json, results)
+                decode = f"{result.decode_rate:.2f}" if result.decode_rate else "?"
                 print(
-                    f"  {c} clients: {result.rate:.2f} tok/s, TTFT {result.ttft * 1000:.0f} ms",
+                    f"  {c} clients: {result.rate:.2f} tok/s, {decode} tok/s per stream, "
+                    f"TTFT {result.ttft * 1000:.0f} ms",
                     file=sys.stderr,
+                    flush=True,
                 )
+                if args.prompt_tokens and result.prompt_tokens not in (None, args.prompt_tokens):
+                    print(
+                        f"  warning: the server counted {result.prompt_tokens:.1f} prompt tokens, "
+                        f"not {args.prompt_tokens}",
+                        file=sys.stderr,
+                    )
         except RuntimeError as exc:
             print(f"  failed: {exc}", file=sys.stderr)
         finally:
@@ -314,8 +531,12 @@ def run(argv: list[str] | None = None) -> int:
                 r.stop()
     print_table(results, clients, model, args)
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ | {"rate": r.rate} for r in results], indent=2))
+        write_json(args.json, results)
     return 0
+
+
+def write_json(path: pathlib.Path, results: list[Result]) -> None:
+    path.write_text(json.dumps([r.__dict__ | {"rate": r.rate} for r in results], indent=2))
 
 
 def summarize(results: list[Result]) -> list[tuple[Result, float, float]]:
@@ -333,19 +554,27 @@ def summarize(results: list[Result]) -> list[tuple[Result, float, float]]:
 def print_table(results: list[Result], clients: list[int], model: pathlib.Path, args) -> None:
     rows = summarize(results)
     base = {r.clients: r.rate for r, _, _ in rows if r.target == "llama-server"}
+    base_decode = {r.clients: r.decode_rate for r, _, _ in rows if r.target == "llama-server"}
+    prompt = f"{args.prompt_tokens}-token prompts" if args.prompt_tokens else "short prompts"
     print(f"\nModel {model.name}, {args.threads} threads, ctx {args.ctx}, parallel {args.parallel}, ")
-    print(f"{args.requests} requests per client of {args.max_tokens} tokens, temperature 0, ", end="")
+    print(
+        f"{args.requests} requests per client of {args.max_tokens} tokens, {prompt}, temperature 0, ", end=""
+    )
     print(f"median of {args.rounds} interleaved round(s)\n")
     print(
-        "| server | clients | tok/s (median) | range | vs llama-server | mean TTFT ms "
-        "| RPC KiB/token | RPC round trips/token |"
+        "| server | clients | tokens | seconds | tok/s | range | vs llama-server | mean TTFT ms | RPC KiB/token "
+        "| RPC round trips/token | decode tok/s per stream | decode vs llama-server | max TTFT ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r, low, high in rows:
         ratio = f"{r.rate / base[r.clients]:.2f}x" if base.get(r.clients) else "—"
         kib = f"{r.rpc_bytes_per_token / 1024:.1f}" if r.rpc_bytes_per_token is not None else "—"
         trips = f"{r.rpc_round_trips_per_token:.1f}" if r.rpc_round_trips_per_token is not None else "—"
+        decode = f"{r.decode_rate:.2f}" if r.decode_rate else "—"
+        ref = base_decode.get(r.clients)
+        decode_ratio = f"{r.decode_rate / ref:.2f}x" if ref and r.decode_rate else "—"
+        worst = f"{r.ttft_max * 1000:.0f}" if r.ttft_max is not None else "—"
         print(
-            f"| {r.target} | {r.clients} | {r.rate:.2f} | {low:.2f} to {high:.2f} | {ratio} "
-            f"| {r.ttft * 1000:.0f} | {kib} | {trips} |"
+            f"| {r.target} | {r.clients} | {r.tokens} | {r.seconds:.1f} | {r.rate:.2f} | {low:.2f} to {high:.2f} | {ratio} "
+            f"| {r.ttft * 1000:.0f} | {kib} | {trips} | {decode} | {decode_ratio} | {worst} |"
         )

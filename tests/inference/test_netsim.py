@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from inference.netsim import Link, Relay
+from inference.netsim import Link, ProcessRelay, Relay
 
 
 def _echo_server() -> tuple[socket.socket, int]:
@@ -67,3 +67,49 @@ def test_link_serialises_chunks_at_its_rate():
     second = link.departure(0.0, 500_000)
     assert abs(first - 1.001) < 1e-9
     assert abs(second - 1.501) < 1e-9
+
+
+def _pinger(sock: socket.socket):
+    def ping(payload: bytes = b"ping") -> float:
+        started = time.monotonic()
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += sock.recv(65536)
+        assert got == payload
+        return time.monotonic() - started
+
+    return ping
+
+
+def test_relay_takes_a_new_link_model_on_an_open_connection():
+    server, port = _echo_server()
+    relay = Relay(("127.0.0.1", port)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            ping = _pinger(sock)
+            assert ping() < 0.04
+            relay.set_link(delay_ms=25)
+            assert ping() >= 2 * 0.025
+            relay.set_link()  # back to loopback: still in order, and no longer held
+            assert ping() < 0.04
+    finally:
+        relay.stop()
+        server.close()
+
+
+def test_process_relay_counts_in_its_own_process_and_follows_set_link():
+    server, port = _echo_server()
+    relay = ProcessRelay(("127.0.0.1", port)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            ping = _pinger(sock)
+            ping(b"x" * 1000)
+            ping(b"y" * 3000)
+            assert relay.stats.snapshot() == {"to_worker": 4000, "to_head": 4000, "round_trips": 2}
+            relay.set_link(delay_ms=25)
+            time.sleep(0.3)  # the relay process polls for link changes
+            assert ping() >= 2 * 0.025
+    finally:
+        relay.stop()
+        server.close()

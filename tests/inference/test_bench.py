@@ -1,0 +1,88 @@
+"""The benchmark's own parts: prompts of an exact token count, per-stream rates, worker placement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from inference import bench
+from inference.tokenizer import Tokenizer
+
+
+def _words(text: str) -> list[int]:
+    """A stand-in tokenizer: one token per whitespace-separated word."""
+    return [hash(w) % 1000 for w in text.split()]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 63, 512])
+def test_prompt_of_tokens_has_exactly_n_tokens(n):
+    assert len(bench.prompt_of_tokens(_words, n, seed=3)) == n
+
+
+def test_prompts_of_different_seeds_differ_from_the_start_and_repeat_for_the_same_seed():
+    first = bench.prompt_of_tokens(_words, 64, seed=1)
+    assert first == bench.prompt_of_tokens(_words, 64, seed=1)
+    assert first[0] != bench.prompt_of_tokens(_words, 64, seed=2)[0]
+
+
+def test_prompt_of_tokens_refuses_an_empty_prompt():
+    with pytest.raises(ValueError, match="at least one token"):
+        bench.prompt_of_tokens(_words, 0, seed=1)
+
+
+def test_prompt_of_tokens_with_the_model_tokenizer_round_trips_to_n_tokens(tiny_model):
+    tokenizer = Tokenizer(str(tiny_model))
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer.tokenize(text, add_special=False)
+
+    for n in (7, 512):
+        tokens = bench.prompt_of_tokens(tokenize, n, seed=n)
+        assert len(tokens) == n
+        # A prefix of a tokenization is the text it decodes to, up to the cut.
+        assert tokenize(tokenizer.detokenize(tokens))[: n - 1] == tokens[: n - 1]
+
+
+def test_stream_decode_rate_counts_tokens_after_the_first():
+    assert bench.Stream(tokens=11, ttft=0.5, last=1.5).decode_rate == pytest.approx(10.0)
+    assert bench.Stream(tokens=1, ttft=0.5, last=0.5).decode_rate is None
+
+
+def test_worker_cpu_sets_parse_one_list_per_worker():
+    assert bench.parse_cpu_sets("0-3:4-7,9", 2) == ["0-3", "4-7,9"]
+    assert bench.parse_cpu_sets(None, 3) == [None, None, None]
+    with pytest.raises(ValueError, match="needs 4"):
+        bench.parse_cpu_sets("0-3:4-7", 4)
+
+
+def test_pinned_workers_start_under_taskset():
+    cmd = bench.worker_command(5000, 4, "4-7")
+    assert cmd[:3] == ["taskset", "-c", "4-7"]
+    assert cmd[-4:] == ["--port", "5000", "--threads", "4"]
+    assert bench.worker_command(5000, 1, None)[0] != "taskset"
+
+
+def test_bench_against_this_service_with_exact_prompts(tiny_model, tmp_path, monkeypatch, capsys):
+    """End to end on the CPU: two RPC workers behind counting relays, 40-token prompts checked by usage."""
+    monkeypatch.setattr(bench, "CACHE", tmp_path)
+    out = tmp_path / "results.json"
+    argv = ["--model", str(tiny_model), "--skip-llama-cpp-python", "--threads", "1", "--ctx", "1024"]
+    argv += ["--parallel", "2", "--clients", "1,2", "--requests", "1", "--max-tokens", "6"]
+    argv += ["--prompt-tokens", "40", "--rpc-splits", "layer", "--link-after-load", "--link-delay-ms", "1"]
+    argv += ["--json", str(out)]
+    assert bench.run(argv) == 0
+    results = json.loads(out.read_text())
+    assert [(r["target"], r["clients"]) for r in results] == [
+        ("llmfleet", 1),
+        ("llmfleet", 2),
+        ("llmfleet rpc x2 layer", 1),
+        ("llmfleet rpc x2 layer", 2),
+    ]
+    for r in results:
+        assert r["prompt_tokens"] == 40
+        assert r["tokens"] == 6 * r["clients"]
+        assert r["decode_rate"] > 0
+    rpc = [r for r in results if "rpc" in r["target"]]
+    assert all(r["rpc_bytes_per_token"] > 0 and r["rpc_round_trips_per_token"] >= 1 for r in rpc)
+    assert "40-token prompts" in capsys.readouterr().out
