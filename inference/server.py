@@ -183,21 +183,13 @@ async def _generate(request: web.Request, req: GenerationRequest, tokens: list[i
     supervisor = request.app[SUPERVISOR]
     try:
         job = supervisor.submit(tokens, req.sampling_params(req.max_tokens or room))
-    except Unavailable as exc:
+    except (Unavailable, QueueFull) as exc:
+        if isinstance(exc, QueueFull):
+            message, code = f"the server is at capacity ({exc}); retry later", "queue_full"
+        else:
+            message, code = f"the model is not available: {exc}", "engine_unavailable"
         raise ApiError(
-            503,
-            f"the model is not available: {exc}",
-            kind="server_error",
-            code="engine_unavailable",
-            headers={"Retry-After": str(config.retry_after)},
-        ) from exc
-    except QueueFull as exc:
-        raise ApiError(
-            503,
-            f"the server is at capacity ({exc}); retry later",
-            kind="server_error",
-            code="queue_full",
-            headers={"Retry-After": str(config.retry_after)},
+            503, message, kind="server_error", code=code, headers={"Retry-After": str(config.retry_after)}
         ) from exc
     text = TextStream(request.app[TOKENIZER], req.stop)
     try:
