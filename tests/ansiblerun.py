@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -97,3 +98,11 @@ def host_results(output: dict, host: str) -> dict[str, dict]:
             if host in task["hosts"]:
                 results[task["task"]["name"]] = task["hosts"][host]
     return results
+
+
+def load_library_module(name: str):
+    """Import ``library/<name>.py`` as a Python module."""
+    spec = importlib.util.spec_from_file_location(f"llmfleet_library_{name}", REPO / "library" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 from pathlib import Path
 
 import ansible.module_utils
 import pytest
 
-from tests.ansiblerun import REPO
+from tests.ansiblerun import REPO, load_library_module
 from tests.inference.conftest import Server, Worker, tiny_model  # noqa: F401  (tiny_model is a fixture)
 
 API_KEY = "test-key-0123456789"
@@ -19,14 +18,6 @@ API_KEY = "test-key-0123456789"
 # module, and the tests find them here, so both run the same import lines.
 if str(REPO / "module_utils") not in ansible.module_utils.__path__:
     ansible.module_utils.__path__.append(str(REPO / "module_utils"))
-
-
-def load_library_module(name: str):
-    """Import ``library/<name>.py`` as a Python module."""
-    spec = importlib.util.spec_from_file_location(f"llmfleet_library_{name}", REPO / "library" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

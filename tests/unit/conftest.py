@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import ansible.module_utils
 import pytest
 
 from tests import fakehw
+from tests.ansiblerun import load_library_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,14 +32,6 @@ def rk3588(tmp_path: Path) -> fakehw.FakeHost:
 @pytest.fixture
 def x86(tmp_path: Path) -> fakehw.FakeHost:
     return fakehw.build("x86", tmp_path / "x86")
-
-
-def load_library_module(name: str):
-    """Import ``library/<name>.py`` as a Python module, the way its unit tests build it."""
-    spec = importlib.util.spec_from_file_location(f"llmfleet_library_{name}", REPO / "library" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
