@@ -13,6 +13,7 @@ import os
 import select
 import struct
 import threading
+import time
 from pathlib import Path
 
 from tests.cluster.fakehw import Setting
@@ -79,7 +80,7 @@ class SettingsWatcher:
         """Rewrite one file as the kernel would show it after the write it just received."""
         setting = self._settings[path]
         before = setting.render(self._values[path])
-        value = setting.written_value(before, path.read_text(errors="replace"))
+        value = setting.written_value(before, _read_written(path))
         if value is None:
             value = self._values[path]
         self._values[path] = value
@@ -88,6 +89,20 @@ class SettingsWatcher:
             other = self._by_target[setting.clears]
             self._values[other] = "0"
             _rewrite(other, self._settings[other].render("0"))
+
+
+# How long an empty file may stay empty before it counts as an empty write rather than one caught between its
+# truncation and its bytes (two writers in a row: the second truncates while the first one's event is handled).
+EMPTY_GRACE_S = 0.5
+
+
+def _read_written(path: Path) -> str:
+    text = path.read_text(errors="replace")
+    deadline = time.monotonic() + EMPTY_GRACE_S
+    while not text and time.monotonic() < deadline:
+        time.sleep(0.005)
+        text = path.read_text(errors="replace")
+    return text
 
 
 def _rewrite(path: Path, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,3 +56,23 @@ def test_dirty_bytes_zeroes_dirty_ratio(files: dict[str, Path]) -> None:
     files["bytes"].write_text("268435456\n")
     assert _eventually(files["ratio"], "0\n") == "0\n"
     assert files["bytes"].read_text() == "268435456\n"
+
+
+def test_a_write_caught_between_truncation_and_its_bytes_is_not_refused(tmp_path: Path) -> None:
+    # Two CPUs sharing a cpufreq policy: the boot script writes the governor through each, and the watcher may
+    # read the file after the second write truncated it but before its bytes landed.
+    setting = THP_SETTINGS[0]
+    path = tmp_path / "thp"
+    path.write_text("")
+    late_bytes = threading.Timer(0.05, path.write_text, args=("never",))
+    late_bytes.start()
+    watcher = SettingsWatcher({path: setting})
+    watcher.settle(path)
+    late_bytes.join()
+    watcher.start().stop()
+    assert path.read_text() == "always madvise [never]\n"
+
+
+def test_an_empty_write_is_refused_once_it_stays_empty(files: dict[str, Path]) -> None:
+    files["thp"].write_text("")
+    assert _eventually(files["thp"], "[always] madvise never\n") == "[always] madvise never\n"
