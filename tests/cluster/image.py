@@ -91,6 +91,24 @@ ConditionPathIsReadWrite=
 After=llmfleet-fakehw.service
 """
 
+# systemd-fstab-generator skips the block-device lines of /etc/fstab in a container ("Running in a container,
+# ignoring fstab device entry"), so a volume that storage_tuning put in fstab would stay unmounted after a
+# reboot, where on real hardware the generator mounts it. Mount those lines the way the boot would.
+FSTAB_DEVICES_UNIT = """[Unit]
+Description=Mount the block-device lines of /etc/fstab, which the fstab generator skips in a container
+DefaultDependencies=no
+After=llmfleet-fakehw.service local-fs-pre.target
+Before=local-fs.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/mount --all --types ext4,xfs
+
+[Install]
+WantedBy=local-fs.target
+"""
+
 SSHD_CONFIG = """# Key-only root login from the controller; the private bridge has no DNS.
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -102,6 +120,7 @@ IMAGE_FILES: dict[str, tuple[str, int]] = {
     "usr/local/sbin/llmfleet-fakehw": (FAKEHW_SCRIPT, 0o755),
     "etc/systemd/system/llmfleet-fakehw.service": (FAKEHW_UNIT, 0o644),
     "etc/systemd/system/systemd-sysctl.service.d/llmfleet-fakehw.conf": (SYSCTL_DROPIN, 0o644),
+    "etc/systemd/system/llmfleet-fstab-devices.service": (FSTAB_DEVICES_UNIT, 0o644),
     "etc/ssh/sshd_config.d/llmfleet.conf": (SSHD_CONFIG, 0o644),
     "etc/machine-id": ("", 0o444),
     "etc/hostname": ("localhost\n", 0o644),
@@ -109,6 +128,9 @@ IMAGE_FILES: dict[str, tuple[str, int]] = {
 IMAGE_SYMLINKS: dict[str, str] = {
     "etc/systemd/system/sysinit.target.wants/llmfleet-fakehw.service": (
         "/etc/systemd/system/llmfleet-fakehw.service"
+    ),
+    "etc/systemd/system/local-fs.target.wants/llmfleet-fstab-devices.service": (
+        "/etc/systemd/system/llmfleet-fstab-devices.service"
     ),
     "var/lib/dbus/machine-id": "/etc/machine-id",
     **{f"etc/systemd/system/{unit}": "/dev/null" for unit in MASKED_UNITS},

@@ -267,6 +267,13 @@ PINNING = {
         1,
         {"CPUAffinity": "4 5 6 7", "NUMAPolicy": "bind", "NUMAMask": "1"},
     ),
+    "pin_x86_gpu_node_cpus_only": (
+        "x86",
+        {"cpu_pinning_numa_policy": "none"},
+        [4, 5, 6, 7],
+        1,
+        {"CPUAffinity": "4 5 6 7"},
+    ),
     "pin_x86_without_gpu": ("x86", {"cpu_pinning_follow_gpu": False}, [1, 2, 3, 4, 5, 6, 7], None, None),
     "pin_x86_fifo": (
         "x86",
