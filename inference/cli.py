@@ -54,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         ubatch=args.ubatch,
         queue_size=args.queue_size,
         flash_attn=args.flash_attn,
+        threadpool=args.threadpool,
         gpu_layers=args.gpu_layers,
         model_alias=args.alias,
     ).validated()
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ubatch", type=int, default=512, help="physical batch size")
     s.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a free sequence")
     s.add_argument("--flash-attn", default="auto", choices=config_module.FLASH_ATTN_MODES)
+    s.add_argument(
+        "--no-threadpool",
+        dest="threadpool",
+        action="store_false",
+        help="start ggml's CPU threads for every decode step instead of keeping a pool (for comparisons)",
+    )
     s.add_argument("--gpu-layers", type=int, default=999, help="layers offloaded to GPUs and RPC devices")
     s.add_argument("--alias", help="model name in the API (default: the file name without .gguf)")
     s.set_defaults(func=_serve)

@@ -61,6 +61,7 @@ class ServeConfig:
     ubatch: int = 512
     queue_size: int = 64
     flash_attn: str = "auto"
+    threadpool: bool = True
     gpu_layers: int = 999
     model_alias: str | None = None
     retry_after: int = 5

@@ -154,6 +154,11 @@ class Engine:
         ctx = lc.llama_init_from_model(self.model, params)
         if not ctx:
             raise EngineError("llama.cpp could not create a context; lower --ctx or --parallel")
+        if config.threadpool:
+            from inference import ggml
+
+            # Kept for the life of this process, which the context shares.
+            self.threadpool = ggml.attach_threadpool(ctx, config.threads)
         return ctx
 
     def info(self) -> dict:

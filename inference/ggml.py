@@ -80,6 +80,8 @@ def libggml_base() -> ctypes.CDLL:
         "ggml_backend_dev_name": ([vp], cp),
         "ggml_backend_dev_description": ([vp], cp),
         "ggml_backend_dev_type": ([vp], ctypes.c_int),
+        "ggml_backend_dev_backend_reg": ([vp], vp),
+        "ggml_threadpool_params_init": ([vp, ctypes.c_int], None),
         "ggml_backend_dev_memory": (
             [vp, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)],
             None,
@@ -89,6 +91,50 @@ def libggml_base() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
     return lib
+
+
+class ThreadpoolParams(ctypes.Structure):
+    """struct ggml_threadpool_params (ggml.h)."""
+
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),  # GGML_MAX_N_THREADS
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+# llama.cpp's tools default: threads busy-wait a little for the next graph before they sleep.
+THREADPOOL_POLL = 50
+
+
+def attach_threadpool(ctx: int, n_threads: int, poll: int = THREADPOOL_POLL) -> int:
+    """Give the context a CPU threadpool that lives as long as the process, as llama.cpp's own tools do.
+
+    Without one, ggml starts and joins its worker threads for every graph, i.e. for every decoded token; a
+    persistent pool keeps them (polling briefly, then asleep) between tokens. Returns the pool's handle.
+    """
+    lib, base = libggml(), libggml_base()
+    cpu = lib.ggml_backend_dev_by_type(0)
+    if not cpu:
+        raise GgmlError("ggml has no CPU backend")
+    reg = base.ggml_backend_dev_backend_reg(cpu)
+    new_address = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_threadpool_new")
+    if not new_address:
+        raise GgmlError("the CPU backend does not export ggml_threadpool_new")
+    threadpool_new = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(ThreadpoolParams))(new_address)
+    params = ThreadpoolParams()
+    base.ggml_threadpool_params_init(ctypes.byref(params), n_threads)
+    params.poll = poll
+    pool = threadpool_new(ctypes.byref(params))
+    if not pool:
+        raise GgmlError(f"ggml could not start a threadpool of {n_threads} threads")
+    attach = llama_cpp.llama_cpp._lib.llama_attach_threadpool
+    attach.argtypes, attach.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], None
+    attach(ctx, pool, None)
+    return pool
 
 
 def _rpc_reg() -> int:
