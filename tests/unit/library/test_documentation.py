@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-LIBRARY = Path(__file__).resolve().parents[3] / "library"
+from tests.ansiblerun import REPO, ansible_env
+
+LIBRARY = REPO / "library"
 MODULES = sorted(path.stem for path in LIBRARY.glob("*.py"))
 
 
@@ -45,5 +50,22 @@ def test_documented_options_match_the_argument_spec(library_module, name, monkey
         assert options[option]["type"] == spec["type"], option
         assert options[option].get("default") == spec.get("default"), option
         assert options[option].get("choices") == spec.get("choices"), option
+        assert options[option].get("elements") == spec.get("elements"), option
         assert options[option].get("required", False) == spec.get("required", False), option
     assert seen["check_mode"] == (documentation["attributes"]["check_mode"]["support"] == "full")
+
+
+def test_ansible_doc_reads_every_module(tmp_path: Path):
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-doc"), "--json", *MODULES],
+        capture_output=True,
+        text=True,
+        env=ansible_env(tmp_path),
+        cwd=REPO,
+        timeout=120,
+        check=True,
+    )
+    docs = json.loads(proc.stdout)
+    assert set(docs) == set(MODULES)
+    for name in MODULES:
+        assert docs[name]["return"], name
