@@ -16,8 +16,10 @@ import ctypes
 import logging
 import os
 import random
+import select
 import signal
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from inference.config import ServeConfig
@@ -260,6 +262,14 @@ class Engine:
         return results
 
 
+def poller(conn) -> Callable[[], bool]:
+    """A cheap "is a message (or the end) waiting?" for a multiprocessing connection. Connection.poll() builds
+    and registers a new selector at every call, which costs more per token than the rest of the bookkeeping."""
+    poll = select.poll()
+    poll.register(conn.fileno(), select.POLLIN)
+    return lambda: bool(poll.poll(0))
+
+
 def run(config: ServeConfig, conn) -> None:
     """Entry point of the engine process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -271,9 +281,10 @@ def run(config: ServeConfig, conn) -> None:
         return
     conn.send(("ready", engine.info()))
     idle = True
+    waiting = poller(conn)
     while True:
         messages = [conn.recv()] if idle else []
-        while conn.poll():
+        while waiting():
             messages.append(conn.recv())
         finished_early = []
         for message in messages:

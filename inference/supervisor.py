@@ -124,6 +124,7 @@ class Supervisor:
         process.start()
         child.close()
         self._process, self._conn = process, parent
+        self._waiting = engine_module.poller(parent)
         # A long prompt can outgrow the pipe while the engine is mid-step; a sender thread keeps the event
         # loop from blocking on it and keeps messages in order.
         outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -157,7 +158,7 @@ class Supervisor:
     # -- messages from the engine -------------------------------------------------------------------------
     def _on_readable(self) -> None:
         try:
-            while self._conn is not None and self._conn.poll():
+            while self._conn is not None and self._waiting():
                 self._handle(self._conn.recv())
         except (EOFError, OSError):
             self._engine_lost()
