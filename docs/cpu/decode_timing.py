@@ -1,0 +1,180 @@
+"""Where a streamed token's time goes on a small CPU machine: the decode in-process, llama-server's own decode
+timing, and the CPU this service's HTTP front spends per streamed token. Prints one table.
+
+    .venv/bin/python docs/cpu/decode_timing.py \\
+        --model ~/.cache/llmfleet/models/bench-q8_0.gguf \\
+        --llama-server ~/.cache/llmfleet/llama-server-0.3.36/build/bin/llama-server
+
+Run it on an otherwise idle machine; every number is the median of its repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def in_process_decode(model: str, threads: int, kv_unified: bool, tokens: int) -> float:
+    """Median ms of one llama_decode of one token, with the engine's context settings, in a fresh process."""
+    code = f"""
+import ctypes, statistics, time
+import llama_cpp as lc
+from inference import ggml
+lc.llama_backend_init()
+quiet = lc.llama_log_callback(lambda *a: None)
+lc.llama_log_set(quiet, ctypes.c_void_p(0))
+model = lc.llama_model_load_from_file({model!r}.encode(), lc.llama_model_default_params())
+params = lc.llama_context_default_params()
+params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 4096, 2048, 512, 4
+params.n_threads = params.n_threads_batch = {threads}
+params.kv_unified, params.no_perf = {kv_unified}, True
+ctx = lc.llama_init_from_model(model, params)
+ggml.attach_threadpool(ctx, {threads})
+batch = lc.llama_batch_init(512, 0, 1)
+def decode(ids, pos0):
+    batch.n_tokens = len(ids)
+    for i, t in enumerate(ids):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + i, 1
+        batch.seq_id[i][0], batch.logits[i] = 0, i == len(ids) - 1
+    assert lc.llama_decode(ctx, batch) == 0
+decode(list(range(10, 42)), 0)
+times = []
+for i in range({tokens}):
+    start = time.perf_counter()
+    decode([100 + i % 50], 32 + i)
+    times.append(time.perf_counter() - start)
+print(1000 * statistics.median(times))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    return float(out.stdout.split()[-1])
+
+
+def _wait_ready(url: str, ok) -> None:
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if ok(response):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never became ready")
+
+
+def _post(url: str, body: dict):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return urllib.request.urlopen(request, timeout=300)
+
+
+def llama_server_decode(binary: str, model: str, threads: int, extra: list[str], tokens: int) -> float:
+    """Median of llama-server's own timings.predicted_per_token_ms over four requests."""
+    port = 18791
+    argv = [binary, "-m", model, "--port", str(port), "-t", str(threads), "-tb", str(threads), "-c", "4096"]
+    server = subprocess.Popen(
+        [*argv, "-np", "4", "--no-webui", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/health", lambda r: r.status == 200)
+        per_token = []
+        for i in range(4):
+            body = {
+                "prompt": f"The quick brown fox {i}",
+                "n_predict": tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            with _post(f"http://127.0.0.1:{port}/completion", body) as response:
+                per_token.append(json.load(response)["timings"]["predicted_per_token_ms"])
+        return statistics.median(per_token)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def front_cpu(model: str, threads: int, clients: int, tokens: int) -> tuple[float, float, float]:
+    """(user ms, system ms) of the service's front process per streamed token, and the tok/s it served."""
+    port = 18792
+    argv = [sys.executable, "-m", "inference", "serve", "--model", model, "--threads", str(threads)]
+    server = subprocess.Popen(
+        [*argv, "--ctx", "4096", "--parallel", "4", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+
+    def stream(i: int, n: int) -> int:
+        body = {"prompt": f"The quick brown fox {i}", "max_tokens": n, "temperature": 0, "stream": True}
+        with _post(f"http://127.0.0.1:{port}/v1/completions", body) as response:
+            return sum(1 for line in response if line.startswith(b"data: {"))
+
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/health", lambda r: json.load(r)["status"] == "ok")
+        stream(0, 8)
+        before, start = _cpu_seconds(server.pid), time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            n = sum(pool.map(lambda i: stream(i, tokens), range(2 * clients)))
+        elapsed, after = time.perf_counter() - start, _cpu_seconds(server.pid)
+        return 1000 * (after[0] - before[0]) / n, 1000 * (after[1] - before[1]) / n, n / elapsed
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--llama-server", required=True)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    for label, kv_unified in (
+        ("unified KV pool (the engine's setting)", True),
+        ("one KV stream per sequence", False),
+    ):
+        values = [
+            in_process_decode(args.model, args.threads, kv_unified, args.tokens) for _ in range(args.repeats)
+        ]
+        rows.append((f"llama_decode in-process, {label}", f"{statistics.median(values):.2f} ms/token"))
+    for label, extra in (("default -np 4", []), ("-np 4 -kvu", ["-kvu"])):
+        values = [
+            llama_server_decode(args.llama_server, args.model, args.threads, extra, args.tokens)
+            for _ in range(args.repeats)
+        ]
+        rows.append(
+            (f"llama-server's own decode timing, {label}", f"{statistics.median(values):.2f} ms/token")
+        )
+    for clients in (1, 4):
+        runs = [front_cpu(args.model, args.threads, clients, args.tokens) for _ in range(args.repeats)]
+        user, system, rate = (statistics.median(r[k] for r in runs) for k in range(3))
+        rows.append(
+            (
+                f"this service's HTTP front, {clients} client(s) at {rate:.0f} tok/s",
+                f"{user:.3f} ms user + {system:.3f} ms system per token",
+            )
+        )
+    print(f"| what ({args.threads} threads, {os.path.basename(args.model)}) | value |\n|---|---|")
+    for what, value in rows:
+        print(f"| {what} | {value} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
