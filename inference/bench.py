@@ -42,6 +42,18 @@ PROMPTS = [
     "def quicksort(items):",
     "The four seasons of the year are",
 ]
+
+
+def default_prompt(k: int) -> str:
+    """The k-th request's short prompt: PROMPTS in turn, numbered once they repeat, so that no two requests of
+    a run share a first token and no server's prompt cache can skip a measured prefill."""
+    text = PROMPTS[k % len(PROMPTS)]
+    return text if k < len(PROMPTS) else f"{k}. {text}"
+
+
+# Shares no first word with PROMPTS, nor with the prompts of a given token count, which start with a number.
+WARM_UP_PROMPT = "Say hello to the reader."
+
 # Words for prompts of a given token count: common English, so the text tokenizes like ordinary prose.
 WORDS = (
     "the of and to in is that for it as with was on be by at this from have or one had not but what all "
@@ -197,11 +209,11 @@ def measure(
     max_tokens: int,
     prompt: Callable[[int], str | list[int]] | None = None,
 ) -> Result:
-    """``prompt(k)`` gives the k-th request's prompt (default: the fixed PROMPTS in turn)."""
+    """``prompt(k)`` gives the k-th request's prompt (default: default_prompt)."""
     totals = [0] * clients
     streams: list[Stream] = []
     errors: list[str] = []
-    prompt = prompt or (lambda k: PROMPTS[k % len(PROMPTS)])
+    prompt = prompt or default_prompt
     # Build every prompt before the clock starts: tokenizing is not the servers' time.
     prompts = {(i, r): prompt(i + r * clients) for i in range(clients) for r in range(requests_per_client)}
 
@@ -490,7 +502,9 @@ def run(argv: list[str] | None = None) -> int:
             if args.link_after_load:
                 for r in relays:
                     r.set_link(args.link_delay_ms, args.link_rate_mbit)
-            measure(target, 1, 1, 8, prompt)  # warm-up
+            # Warm up on a prompt of its own: a measured prompt seen before would start from the server's
+            # prompt cache (llama-server keeps each slot's last prompt) and skip its prefill.
+            measure(target, 1, 1, 8, lambda _k: WARM_UP_PROMPT)
             for c in clients:
                 before = [r.stats.snapshot() for r in relays]
                 result = measure(target, c, args.requests, args.max_tokens, prompt)

@@ -86,3 +86,10 @@ def test_bench_against_this_service_with_exact_prompts(tiny_model, tmp_path, mon
     rpc = [r for r in results if "rpc" in r["target"]]
     assert all(r["rpc_bytes_per_token"] > 0 and r["rpc_round_trips_per_token"] >= 1 for r in rpc)
     assert "40-token prompts" in capsys.readouterr().out
+
+
+def test_no_measured_prompt_repeats_or_starts_like_the_warm_up():
+    prompts = [bench.default_prompt(k) for k in range(4 * len(bench.PROMPTS))]
+    assert len(set(prompts)) == len(prompts)
+    first_words = {p.split()[0] for p in prompts}
+    assert bench.WARM_UP_PROMPT.split()[0] not in first_words
