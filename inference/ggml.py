@@ -113,8 +113,9 @@ THREADPOOL_POLL = 50
 def attach_threadpool(ctx: int, n_threads: int, poll: int = THREADPOOL_POLL) -> int:
     """Give the context a CPU threadpool that lives as long as the process, as llama.cpp's own tools do.
 
-    Without one, ggml starts and joins its worker threads for every graph, i.e. for every decoded token; a
-    persistent pool keeps them (polling briefly, then asleep) between tokens. Returns the pool's handle.
+    Without one, ggml makes a throwaway pool for every graph, i.e. for every decoded token (and, in a build
+    without OpenMP, starts and joins its threads each time); a persistent pool keeps them, polling briefly and
+    then asleep, between tokens. Returns the pool's handle.
     """
     lib, base = libggml(), libggml_base()
     cpu = lib.ggml_backend_dev_by_type(0)
