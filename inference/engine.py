@@ -103,6 +103,8 @@ class Engine:
         self.model = self._load_model()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.ctx = self._new_context()
+        # Kept for the life of this process, which the context shares.
+        self.threadpool = ggml.attach_threadpool(self.ctx, config.threads) if config.threadpool else None
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(config.batch, 0, 1)
         self.free_seq_ids = list(range(config.parallel - 1, -1, -1))
@@ -156,11 +158,6 @@ class Engine:
         ctx = lc.llama_init_from_model(self.model, params)
         if not ctx:
             raise EngineError("llama.cpp could not create a context; lower --ctx or --parallel")
-        if config.threadpool:
-            from inference import ggml
-
-            # Kept for the life of this process, which the context shares.
-            self.threadpool = ggml.attach_threadpool(ctx, config.threads)
         return ctx
 
     def info(self) -> dict:
