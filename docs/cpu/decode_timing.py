@@ -17,10 +17,12 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from inference import bench  # noqa: E402  (this checkout's, also when the package is not installed)
 
 
 def in_process_decode(model: str, threads: int, kv_unified: bool, tokens: int) -> float:
@@ -58,32 +60,20 @@ print(1000 * statistics.median(times))
     return float(out.stdout.split()[-1])
 
 
-def _wait_ready(url: str, ok) -> None:
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if ok(response):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} never became ready")
-
-
-def _post(url: str, body: dict):
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    return urllib.request.urlopen(request, timeout=300)
+def _start(argv: list[str]) -> subprocess.Popen:
+    # In its own session, as bench.stop expects (it signals the process group).
+    return subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True
+    )
 
 
 def llama_server_decode(binary: str, model: str, threads: int, extra: list[str], tokens: int) -> float:
     """Median of llama-server's own timings.predicted_per_token_ms over four requests."""
-    port = 18791
+    port = bench.free_port()
     argv = [binary, "-m", model, "--port", str(port), "-t", str(threads), "-tb", str(threads), "-c", "4096"]
-    server = subprocess.Popen(
-        [*argv, "-np", "4", "--no-webui", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    server = _start([*argv, "-np", "4", "--no-webui", *extra])
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/health", lambda r: r.status == 200)
+        bench.wait_ready(server, port, "/health")
         per_token = []
         for i in range(4):
             body = {
@@ -92,12 +82,13 @@ def llama_server_decode(binary: str, model: str, threads: int, extra: list[str],
                 "temperature": 0,
                 "ignore_eos": True,
             }
-            with _post(f"http://127.0.0.1:{port}/completion", body) as response:
-                per_token.append(json.load(response)["timings"]["predicted_per_token_ms"])
+            status, answer = bench._request(port, "/completion", body)
+            if status != 200:
+                raise RuntimeError(f"llama-server answered HTTP {status}: {answer[:300]!r}")
+            per_token.append(json.loads(answer)["timings"]["predicted_per_token_ms"])
         return statistics.median(per_token)
     finally:
-        server.terminate()
-        server.wait()
+        bench.stop(server)
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:
@@ -109,22 +100,15 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
 
 def front_cpu(model: str, threads: int, clients: int, tokens: int) -> tuple[float, float, float]:
     """(user ms, system ms) of the service's front process per streamed token, and the tok/s it served."""
-    port = 18792
+    port = bench.free_port()
     argv = [sys.executable, "-m", "inference", "serve", "--model", model, "--threads", str(threads)]
-    server = subprocess.Popen(
-        [*argv, "--ctx", "4096", "--parallel", "4", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=REPO,
-    )
+    server = _start([*argv, "--ctx", "4096", "--parallel", "4", "--port", str(port)])
 
     def stream(i: int, n: int) -> int:
-        body = {"prompt": f"The quick brown fox {i}", "max_tokens": n, "temperature": 0, "stream": True}
-        with _post(f"http://127.0.0.1:{port}/v1/completions", body) as response:
-            return sum(1 for line in response if line.startswith(b"data: {"))
+        return bench._stream_completion(port, f"The quick brown fox {i}", n).tokens
 
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/health", lambda r: json.load(r)["status"] == "ok")
+        bench.wait_ready(server, port, "/health")  # 200 only once the engine is ok
         stream(0, 8)
         before, start = _cpu_seconds(server.pid), time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
@@ -132,8 +116,7 @@ def front_cpu(model: str, threads: int, clients: int, tokens: int) -> tuple[floa
         elapsed, after = time.perf_counter() - start, _cpu_seconds(server.pid)
         return 1000 * (after[0] - before[0]) / n, 1000 * (after[1] - before[1]) / n, n / elapsed
     finally:
-        server.terminate()
-        server.wait()
+        bench.stop(server)
 
 
 def main() -> int:
