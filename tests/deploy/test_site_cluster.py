@@ -203,15 +203,14 @@ def test_every_worker_holds_its_shard_of_the_model(converged):
         r"load_tensors: RPC\d*\[([0-9.]+:\d+)\] model buffer size =\s*([0-9.]+) MiB", log
     ):
         placed[endpoint] = float(mib)
-    workers = [f"{h.address}:50052" for h in config.HOSTS if h.group == "rpc_workers"]
-    assert sorted(placed) == sorted(workers), log[-2000:]
+    workers = [h for h in config.HOSTS if h.group == "rpc_workers"]
+    assert sorted(placed) == sorted(f"{h.address}:50052" for h in workers), log[-2000:]
     assert all(mib > 0 for mib in placed.values()), placed
     # Each worker saw the head connect and keeps serving it.
-    for host in config.HOSTS:
-        if host.group == "rpc_workers":
-            assert "Accepted client connection" in on(
-                host, "journalctl -u llmfleet-rpc-worker.service --no-pager"
-            )
+    for host in workers:
+        assert "Accepted client connection" in on(
+            host, "journalctl -u llmfleet-rpc-worker.service --no-pager"
+        )
 
 
 def test_greedy_completion_through_the_cluster_equals_a_local_run(converged, tmp_path):
