@@ -5,6 +5,7 @@ Every error names the offending field, so a client can fix its request without r
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -258,6 +259,17 @@ def chunk_body(req: GenerationRequest, text: str | None, finish: str | None, rol
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         obj = "chat.completion.chunk"
     return {"id": req.id, "object": obj, "created": req.created, "model": req.model, "choices": [choice]}
+
+
+def chunk_frame(req: GenerationRequest) -> tuple[str, str]:
+    """The JSON of a text chunk split around its text: ``before + json.dumps(text) + after`` equals
+    ``json.dumps(chunk_body(req, text, None), separators=(",", ":"))``."""
+    marker = "\x00"
+    encoded = json.dumps(chunk_body(req, marker, None), separators=(",", ":"))
+    if encoded.count(json.dumps(marker)) != 1:
+        raise ValueError(f"no single text field in {encoded}")
+    before, _, after = encoded.partition(json.dumps(marker))
+    return before, after
 
 
 def usage_chunk(req: GenerationRequest, prompt_n: int, completion_n: int) -> dict:

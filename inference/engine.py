@@ -5,7 +5,8 @@ goes away; the server survives that, reports it, and starts a new engine once th
 
 Messages from the server (tuples over a multiprocessing connection):
     ("submit", request_id, prompt_tokens, SamplingParams)   ("cancel", request_id)   ("stop",)
-Messages to the server:
+Messages to the server (length-prefixed pickles, see send() and MessageReader, so that the server takes all
+that has arrived with one read):
     ("ready", info)   ("fatal", message)
     ("step", [(request_id, token, finish_reason | None), ...], stats)
 """
@@ -15,9 +16,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import pickle
 import random
 import select
 import signal
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -259,6 +262,37 @@ class Engine:
         return results
 
 
+_LENGTH = struct.Struct("!I")
+
+
+def send(fd: int, message) -> None:
+    payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    data = memoryview(_LENGTH.pack(len(payload)) + payload)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+class MessageReader:
+    """Splits what arrives from send() into messages; a message may come in several reads."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        buffer = self.buffer
+        buffer += data
+        messages, at = [], 0
+        while len(buffer) - at >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buffer, at)
+            end = at + _LENGTH.size + size
+            if len(buffer) < end:
+                break
+            messages.append(pickle.loads(buffer[at + _LENGTH.size : end]))
+            at = end
+        del buffer[:at]
+        return messages
+
+
 def poller(conn) -> Callable[[], bool]:
     """A cheap "is a message (or the end) waiting?" for a multiprocessing connection. Connection.poll() builds
     and registers a new selector at every call, which costs more per token than the rest of the bookkeeping."""
@@ -271,12 +305,13 @@ def run(config: ServeConfig, conn) -> None:
     """Entry point of the engine process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    out = conn.fileno()
     try:
         engine = Engine(config)
     except Exception as exc:
-        conn.send(("fatal", str(exc)))
+        send(out, ("fatal", str(exc)))
         return
-    conn.send(("ready", engine.info()))
+    send(out, ("ready", engine.info()))
     idle = True
     waiting = poller(conn)
     while True:
@@ -298,8 +333,8 @@ def run(config: ServeConfig, conn) -> None:
         try:
             results = engine.step()
         except EngineError as exc:
-            conn.send(("fatal", str(exc)))
+            send(out, ("fatal", str(exc)))
             return
         idle = not engine.sequences
         if results or finished_early:
-            conn.send(("step", finished_early + results, (engine.kv_tokens(), len(engine.sequences))))
+            send(out, ("step", finished_early + results, (engine.kv_tokens(), len(engine.sequences))))

@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from inference import api
@@ -181,8 +181,10 @@ async def _generate(request: web.Request, req: GenerationRequest, tokens: list[i
             code="context_length_exceeded",
         )
     supervisor = request.app[SUPERVISOR]
+    kind = _EventStream if req.stream else _Collected
+    output = kind(request.app[TOKENIZER], req, len(tokens))
     try:
-        job = supervisor.submit(tokens, req.sampling_params(req.max_tokens or room))
+        job = supervisor.submit(tokens, req.sampling_params(req.max_tokens or room), output)
     except (Unavailable, QueueFull) as exc:
         if isinstance(exc, QueueFull):
             message, code = f"the server is at capacity ({exc}); retry later", "queue_full"
@@ -191,78 +193,157 @@ async def _generate(request: web.Request, req: GenerationRequest, tokens: list[i
         raise ApiError(
             503, message, kind="server_error", code=code, headers={"Retry-After": str(config.retry_after)}
         ) from exc
-    text = TextStream(request.app[TOKENIZER], req.stop)
+    output.stop_early = lambda: supervisor.cancel(job)
     try:
         if req.stream:
-            return await _stream(request, req, job, text, len(tokens))
-        return await _collect(request, req, job, text, len(tokens))
+            return await _stream(request, req, output)
+        return await _collect(req, output)
     finally:
         supervisor.cancel(job)
 
 
-async def _events(request: web.Request, job, text: TextStream):
-    """Yields ("text", str) pieces, then ("finish", reason) or ("error", message)."""
-    supervisor = request.app[SUPERVISOR]
-    while True:
-        kind, value = await job.events.get()
-        if kind == "token":
-            piece = text.push(value)
-            if text.stopped:
-                supervisor.cancel(job)
-                if piece:
-                    yield "text", piece
-                yield "finish", "stop"
-                return
-            if piece:
-                yield "text", piece
-        elif kind == "finish":
-            tail = text.finish()
-            if tail:
-                yield "text", tail
-            yield "finish", value
+class _Output:
+    """One request's generated tokens, turned into text as the supervisor hands them over (see
+    supervisor.Output): incomplete UTF-8 and a possible stop string are held back, and ``done`` resolves at
+    the end. Subclasses say where the text goes."""
+
+    def __init__(self, tokenizer: Tokenizer, req: GenerationRequest, prompt_n: int):
+        self.req, self.prompt_n = req, prompt_n
+        self.text = TextStream(tokenizer, req.stop)
+        self.generated = 0
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.stop_early = lambda: None  # frees the sequence when a stop string ends the text
+
+    def token(self, token: int) -> None:
+        if self.done.done():
             return
-        else:
-            yield "error", value
+        self.generated += 1
+        piece = self.text.push(token)
+        if piece:
+            self.piece(piece)
+        if self.text.stopped:
+            self.stop_early()
+            self.end("stop")
+
+    def finish(self, reason: str) -> None:
+        if self.done.done():
             return
+        tail = self.text.finish()
+        if tail:
+            self.piece(tail)
+        self.end(reason)
+
+    def fail(self, message: str) -> None:
+        if not self.done.done():
+            self.error(message)
+            self.done.set_result(None)
+
+    def piece(self, text: str) -> None:
+        raise NotImplementedError
+
+    def end(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def error(self, message: str) -> None:
+        raise NotImplementedError
 
 
-async def _collect(request, req: GenerationRequest, job, text: TextStream, prompt_n: int) -> web.Response:
-    pieces = []
-    async for kind, value in _events(request, job, text):
-        if kind == "text":
-            pieces.append(value)
-        elif kind == "finish":
-            body = api.completion_body(req, "".join(pieces), value, prompt_n, job.generated)
-            return _json(200, body)
+class _Collected(_Output):
+    """The whole text, for a response that is not streamed."""
+
+    def __init__(self, tokenizer: Tokenizer, req: GenerationRequest, prompt_n: int):
+        super().__init__(tokenizer, req, prompt_n)
+        self.pieces: list[str] = []
+        self.reason: str | None = None
+        self.failure: str | None = None
+
+    def piece(self, text: str) -> None:
+        self.pieces.append(text)
+
+    def end(self, reason: str) -> None:
+        self.reason = reason
+        self.done.set_result(None)
+
+    def error(self, message: str) -> None:
+        self.failure = message
+
+
+async def _collect(req: GenerationRequest, output: _Collected) -> web.Response:
+    await output.done
+    if output.failure is not None:
+        raise ApiError(503, output.failure, kind="server_error", code="engine_failed")
+    text = "".join(output.pieces)
+    return _json(200, api.completion_body(req, text, output.reason, output.prompt_n, output.generated))
+
+
+class _EventStream(_Output):
+    """Server-sent events written to the connection as each token arrives: one transport write per token,
+    with no task switch in between. Until the response's headers are out, events wait in ``pending``."""
+
+    def __init__(self, tokenizer: Tokenizer, req: GenerationRequest, prompt_n: int):
+        super().__init__(tokenizer, req, prompt_n)
+        # A text chunk is the same JSON every time but for its text: keep what surrounds the text.
+        self.before, self.after = api.chunk_frame(req)
+        self.pending: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.chunked = False
+
+    def attach(self, transport: asyncio.Transport, chunked: bool) -> None:
+        self.transport, self.chunked = transport, chunked
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            self.pending.append(data)
+        elif transport.is_closing():
+            # The client went away: free the sequence now rather than at the handler's cancellation.
+            self.stop_early()
+            if not self.done.done():
+                self.done.set_result(None)
+        elif self.chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            raise ApiError(503, value, kind="server_error", code="engine_failed")
-    raise AssertionError("event stream ended without a finish")
+            transport.write(data)
+
+    def _event(self, payload: dict | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+        self._write(f"data: {data}\n\n".encode())
+
+    def opening(self) -> bytes:
+        if self.req.kind != "chat":
+            return b""
+        return f"data: {json.dumps(api.chunk_body(self.req, '', None, role=True), separators=(',', ':'))}\n\n".encode()
+
+    def piece(self, text: str) -> None:
+        self._write(f"data: {self.before}{json.dumps(text)}{self.after}\n\n".encode())
+
+    def end(self, reason: str) -> None:
+        req = self.req
+        self._event(api.chunk_body(req, None if req.kind == "chat" else "", reason))
+        if req.include_usage:
+            self._event(api.usage_chunk(req, self.prompt_n, self.generated))
+        self._event("[DONE]")
+        self.done.set_result(None)
+
+    def error(self, message: str) -> None:
+        self._event(ApiError(503, message, kind="server_error", code="engine_failed").body())
 
 
-async def _stream(request: web.Request, req: GenerationRequest, job, text: TextStream, prompt_n: int):
+async def _stream(request: web.Request, req: GenerationRequest, output: _EventStream):
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-    await response.prepare(request)
-
-    async def send(payload: dict | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-        await response.write(f"data: {data}\n\n".encode())
-
+    if request.version >= HttpVersion11:
+        response.enable_chunked_encoding()
     try:
-        if req.kind == "chat":
-            await send(api.chunk_body(req, "", None, role=True))
-        async for kind, value in _events(request, job, text):
-            if kind == "text":
-                await send(api.chunk_body(req, value, None))
-            elif kind == "finish":
-                await send(api.chunk_body(req, None if req.kind == "chat" else "", value))
-                if req.include_usage:
-                    await send(api.usage_chunk(req, prompt_n, job.generated))
-                await send("[DONE]")
-            else:
-                error = ApiError(503, value, kind="server_error", code="engine_failed")
-                await send(error.body())
+        await response.prepare(request)
+        # Puts the headers on the wire (with the chat's role chunk), so that events may follow directly.
+        await response.write(output.opening())
+        output.attach(request.transport, response.chunked)
+        await output.done
         await response.write_eof()
     except (ConnectionResetError, asyncio.CancelledError):
         log.info("client of %s went away", req.id)

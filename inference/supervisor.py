@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from inference import engine as engine_module
 from inference.config import ServeConfig, split_endpoint
@@ -39,14 +40,24 @@ class QueueFull(Exception):
     pass
 
 
+class Output(Protocol):
+    """Where a request's tokens go. Called on the loop, straight from the engine pipe's callback, so that a
+    streamed token costs no task switch: token() for each, then finish() or fail() once."""
+
+    def token(self, token: int) -> None: ...
+
+    def finish(self, reason: str) -> None: ...
+
+    def fail(self, message: str) -> None: ...
+
+
 @dataclass
 class Request:
     prompt: list[int]
     params: SamplingParams
+    output: Output
     created: float = field(default_factory=time.monotonic)
     id: int = 0
-    # ("token", id) / ("finish", reason) / ("error", message)
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     first_token_at: float | None = None
     last_token_at: float | None = None
     generated: int = 0
@@ -75,6 +86,7 @@ class Supervisor:
         self._ids = itertools.count(1)
         self._process = None
         self._conn = None
+        self._reader = engine_module.MessageReader()
         self._outbox: queue.SimpleQueue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -124,7 +136,7 @@ class Supervisor:
         process.start()
         child.close()
         self._process, self._conn = process, parent
-        self._waiting = engine_module.poller(parent)
+        self._reader = engine_module.MessageReader()
         # A long prompt can outgrow the pipe while the engine is mid-step; a sender thread keeps the event
         # loop from blocking on it and keeps messages in order.
         outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -157,11 +169,17 @@ class Supervisor:
 
     # -- messages from the engine -------------------------------------------------------------------------
     def _on_readable(self) -> None:
+        if self._conn is None:
+            return
         try:
-            while self._conn is not None and self._waiting():
-                self._handle(self._conn.recv())
-        except (EOFError, OSError):
+            data = os.read(self._conn.fileno(), 1 << 16)
+        except OSError:
+            data = b""
+        if not data:
             self._engine_lost()
+            return
+        for message in self._reader.feed(data):
+            self._handle(message)
 
     def _handle(self, message) -> None:
         kind = message[0]
@@ -177,11 +195,11 @@ class Supervisor:
                 if token >= 0:
                     self._deliver_token(request, token, now)
                 if finish:
-                    if finish.startswith("error:"):
-                        request.events.put_nowait(("error", finish.removeprefix("error:")))
-                    else:
-                        request.events.put_nowait(("finish", finish))
                     self._finish(request)
+                    if finish.startswith("error:"):
+                        request.output.fail(finish.removeprefix("error:"))
+                    else:
+                        request.output.finish(finish)
         elif kind == "ready":
             self.engine_info = message[1]
             for worker in self.workers.values():
@@ -203,7 +221,7 @@ class Supervisor:
         request.last_token_at = now
         request.generated += 1
         self.metrics.completion_tokens.inc()
-        request.events.put_nowait(("token", token))
+        request.output.token(token)
 
     def _finish(self, request: Request) -> None:
         request.finished = True
@@ -212,12 +230,12 @@ class Supervisor:
         self._dispatch()
 
     # -- admission ----------------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, output: Output) -> Request:
         if self.state != "ok":
             raise Unavailable(self.detail)
         if len(self.active) >= self.config.parallel and len(self.waiting) >= self.config.queue_size:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-        request = Request(prompt=prompt, params=params, id=next(self._ids))
+        request = Request(prompt=prompt, params=params, output=output, id=next(self._ids))
         self.metrics.prompt_tokens.inc(len(prompt))
         self.waiting.append(request)
         self._dispatch()
@@ -271,11 +289,12 @@ class Supervisor:
 
     def _enter_degraded(self, reason: str) -> None:
         self._set_state("degraded", reason)
-        for request in list(self.active.values()) + list(self.waiting):
-            request.events.put_nowait(("error", reason))
-            request.finished = True
+        lost = list(self.active.values()) + list(self.waiting)
         self.active.clear()
         self.waiting.clear()
+        for request in lost:
+            request.finished = True
+            request.output.fail(reason)
         self.metrics.active_sequences.set(0)
         self.metrics.queue_depth.set(0)
         if not self._recovering:

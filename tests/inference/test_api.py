@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
+from http.client import HTTPConnection
 
 import pytest
 
@@ -197,3 +200,47 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model, tmp_path):
         assert "llmfleet_queue_depth 0.0" in metrics
     finally:
         proc.stop()
+
+
+def _completion_tokens(server) -> float:
+    metrics = http("GET", server.url + "/metrics")[2]
+    line = next(x for x in metrics.splitlines() if x.startswith("llmfleet_completion_tokens_total "))
+    return float(line.split()[1])
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
+    body = {"prompt": "Far away", "max_tokens": 400, "temperature": 0}
+    full = http("POST", server.url + "/v1/completions", body, AUTH)[2]
+    assert full["choices"][0]["finish_reason"] == "length"  # else leaving early would prove nothing
+    before = _completion_tokens(server)
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), AUTH)
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")
+    conn.close()
+    deadline = time.monotonic() + 30
+    while http("GET", server.url + "/health")[2]["slots"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert http("GET", server.url + "/health")[2]["slots"]["active"] == 0
+    assert _completion_tokens(server) - before < body["max_tokens"]
+
+
+def test_streams_and_plain_replies_share_one_kept_alive_connection(server):
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0}
+    texts = []
+    for stream in (True, False, True):
+        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": stream}), AUTH)
+        response = conn.getresponse()
+        assert response.status == 200
+        raw = response.read().decode()
+        if stream:
+            events = [line.removeprefix("data: ") for line in raw.split("\n\n") if line]
+            assert events[-1] == "[DONE]"
+            texts.append("".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]))
+        else:
+            texts.append(json.loads(raw)["choices"][0]["text"])
+    conn.close()
+    assert texts[0] == texts[1] == texts[2]
+    assert texts[0]

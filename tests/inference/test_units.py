@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from inference import api
+from inference import api, engine
 from inference.config import ServeConfig, parse_endpoints, parse_floats
 from inference.tokenizer import TextStream
 from inference.worker import ConfigError, WorkerConfig
@@ -121,3 +123,37 @@ def test_chat_parsing_joins_text_parts_and_defaults_max_tokens_to_the_context():
     assert messages == [{"role": "user", "content": "ab"}]
     assert req.max_tokens is None
     assert req.id.startswith("chatcmpl-")
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_a_chunk_frame_around_any_text_is_the_chunk_body(kind):
+    if kind == "chat":
+        req, _ = api.parse_chat({"messages": [{"role": "user", "content": "hi"}]}, 'm "quoted"\\')
+    else:
+        req = api.parse_completion({"prompt": "hi"}, 'm "quoted"\\', 100)
+    before, after = api.chunk_frame(req)
+    for text in ["", "plain", 'a "quote" and \\ backslash', "line\nbreak\x00nul", "\U0001f600 é"]:
+        framed = before + json.dumps(text) + after
+        assert framed == json.dumps(api.chunk_body(req, text, None), separators=(",", ":"))
+
+
+def test_engine_messages_split_across_reads_come_out_whole_and_in_order():
+    left, right = socket.socketpair()
+    messages = [
+        ("ready", {"pid": 1}),
+        ("step", [(1, 42, None), (2, 7, "stop")], (10, 2)),
+        ("fatal", "x" * 100000),
+    ]
+    with left, right:
+        for message in messages:
+            engine.send(left.fileno(), message)
+        left.close()
+        data = b""
+        while chunk := right.recv(65536):
+            data += chunk
+    reader = engine.MessageReader()
+    received = []
+    for at in range(0, len(data), 7):  # awkward pieces: headers and bodies split anywhere
+        received.extend(reader.feed(data[at : at + 7]))
+    assert received == messages
+    assert not reader.buffer
