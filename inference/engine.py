@@ -319,6 +319,7 @@ def run(config: ServeConfig, conn) -> None:
         while waiting():
             messages.append(conn.recv())
         finished_early = []
+        released = False  # a cancel changes what the KV cache holds even when no token comes of this step
         for message in messages:
             kind = message[0]
             if kind == "submit":
@@ -328,6 +329,7 @@ def run(config: ServeConfig, conn) -> None:
                     finished_early.append((request_id, -1, "error:" + error))
             elif kind == "cancel":
                 engine.release(message[1])
+                released = True
             elif kind == "stop":
                 return
         try:
@@ -336,5 +338,5 @@ def run(config: ServeConfig, conn) -> None:
             send(out, ("fatal", str(exc)))
             return
         idle = not engine.sequences
-        if results or finished_early:
+        if results or finished_early or released:
             send(out, ("step", finished_early + results, (engine.kv_tokens(), len(engine.sequences))))

@@ -93,6 +93,9 @@ class Supervisor:
         self._recovering = False
         self._closing = False
         self.ready = asyncio.Event()
+        self.kv_tokens = 0  # as the engine last reported; read by the gauges when scraped
+        metrics.kv_cache_tokens.set_function(lambda: self.kv_tokens)
+        metrics.kv_cache_usage.set_function(lambda: self.kv_tokens / config.ctx)
         metrics.set_state(self.state)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -184,9 +187,7 @@ class Supervisor:
     def _handle(self, message) -> None:
         kind = message[0]
         if kind == "step":
-            _, results, (kv_tokens, _active) = message
-            self.metrics.kv_cache_tokens.set(kv_tokens)
-            self.metrics.kv_cache_usage.set(kv_tokens / self.config.ctx)
+            _, results, (self.kv_tokens, _active) = message
             now = time.monotonic()
             for request_id, token, finish in results:
                 request = self.active.get(request_id)
@@ -267,6 +268,7 @@ class Supervisor:
     # -- worker loss and recovery -------------------------------------------------------------------------
     def _engine_lost(self) -> None:
         code = self._reap()
+        self.kv_tokens = 0
         if self._closing:
             return
         self.metrics.engine_restarts.inc()
