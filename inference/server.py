@@ -236,6 +236,10 @@ class _Output:
     def fail(self, message: str) -> None:
         if not self.done.done():
             self.error(message)
+            self.close()
+
+    def close(self) -> None:
+        if not self.done.done():
             self.done.set_result(None)
 
     def piece(self, text: str) -> None:
@@ -262,7 +266,7 @@ class _Collected(_Output):
 
     def end(self, reason: str) -> None:
         self.reason = reason
-        self.done.set_result(None)
+        self.close()
 
     def error(self, message: str) -> None:
         self.failure = message
@@ -301,8 +305,7 @@ class _EventStream(_Output):
         elif transport.is_closing():
             # The client went away: free the sequence now rather than at the handler's cancellation.
             self.stop_early()
-            if not self.done.done():
-                self.done.set_result(None)
+            self.close()
         elif self.chunked:
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -326,7 +329,7 @@ class _EventStream(_Output):
         if req.include_usage:
             self._event(api.usage_chunk(req, self.prompt_n, self.generated))
         self._event("[DONE]")
-        self.done.set_result(None)
+        self.close()
 
     def error(self, message: str) -> None:
         self._event(ApiError(503, message, kind="server_error", code="engine_failed").body())
