@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy
+
 from inference.config import ServeConfig
 
 log = logging.getLogger("inference.engine")
@@ -53,6 +55,7 @@ class _Sequence:
     __slots__ = ("generated", "max_tokens", "n_past", "pending", "request_id", "sampler", "seq_id")
 
     def __init__(self, request_id: int, seq_id: int, prompt: list[int], sampler, max_tokens: int):
+        """``sampler`` is a llama.cpp sampler chain, or None for plain greedy decoding."""
         self.request_id = request_id
         self.seq_id = seq_id
         self.pending = deque(prompt)  # tokens not yet in the KV cache
@@ -60,6 +63,10 @@ class _Sequence:
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.generated = 0
+
+
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.temperature <= 0.0 and not (params.presence_penalty or params.frequency_penalty)
 
 
 def _make_sampler(llama_cpp, vocab, params: SamplingParams):
@@ -105,6 +112,7 @@ class Engine:
             self.rpc_devices.extend(ggml.add_rpc_server(endpoint))
         self.model = self._load_model()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.ctx = self._new_context()
         # Kept for the life of this process, which the context shares.
         self.threadpool = ggml.attach_threadpool(self.ctx, config.threads) if config.threadpool else None
@@ -180,7 +188,7 @@ class Engine:
             return "empty prompt"
         seq_id = self.free_seq_ids.pop()
         max_tokens = min(params.max_tokens, self.n_ctx_seq - len(prompt))
-        sampler = _make_sampler(self.llama_cpp, self.vocab, params)
+        sampler = None if _is_greedy(params) else _make_sampler(self.llama_cpp, self.vocab, params)
         self.sequences[request_id] = _Sequence(request_id, seq_id, prompt, sampler, max_tokens)
         return None
 
@@ -189,7 +197,8 @@ class Engine:
         if seq is None:
             return
         self.llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
-        self.llama_cpp.llama_sampler_free(seq.sampler)
+        if seq.sampler is not None:
+            self.llama_cpp.llama_sampler_free(seq.sampler)
         self.free_seq_ids.append(seq.seq_id)
 
     def kv_tokens(self) -> int:
@@ -247,7 +256,10 @@ class Engine:
             raise EngineError(f"llama_decode failed with status {status}")
         results = []
         for seq, index in outputs:
-            new_token = lc.llama_sampler_sample(seq.sampler, self.ctx, index)
+            if seq.sampler is None:
+                new_token = self._argmax(index)
+            else:
+                new_token = lc.llama_sampler_sample(seq.sampler, self.ctx, index)
             seq.generated += 1
             finish = None
             if lc.llama_vocab_is_eog(self.vocab, new_token):
@@ -260,6 +272,13 @@ class Engine:
             else:
                 seq.pending.append(new_token)
         return results
+
+    def _argmax(self, index: int) -> int:
+        """The greedy choice, as llama.cpp's greedy sampler makes it (the first of equal maxima), without the
+        candidate array of the whole vocabulary that llama_sampler_sample builds for every token (152k
+        entries for Qwen3)."""
+        logits = self.llama_cpp.llama_get_logits_ith(self.ctx, index)
+        return int(numpy.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
 
 _LENGTH = struct.Struct("!I")
