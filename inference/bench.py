@@ -22,6 +22,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -108,6 +109,7 @@ class Result:
     decode_rate: float | None = None  # tokens/s of one stream after its first token, mean over requests
     prompt_tokens: float | None = None  # mean prompt size the server reported
     ttft_max: float | None = None
+    round: int = 0
 
     @property
     def rate(self) -> float:
@@ -467,9 +469,13 @@ def run(argv: list[str] | None = None) -> int:
     log_dir = CACHE / "bench-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
-    # Rounds interleave the servers, so background load on a shared machine falls on each of them alike.
-    plan = [t for _ in range(args.rounds) for t in targets(args, model)]
-    for name, make_target in plan:
+    # Rounds interleave the servers, so background load on a shared machine falls on each of them alike, and
+    # every other round runs them in reverse order, so that no server always follows the same one.
+    plan = []
+    for index in range(args.rounds):
+        order = targets(args, model)
+        plan += [(index, *t) for t in (order if index % 2 == 0 else order[::-1])]
+    for round_index, name, make_target in plan:
         workers: list[subprocess.Popen] = []
         relays: list[ProcessRelay] = []
         target = make_target()
@@ -508,6 +514,7 @@ def run(argv: list[str] | None = None) -> int:
             for c in clients:
                 before = [r.stats.snapshot() for r in relays]
                 result = measure(target, c, args.requests, args.max_tokens, prompt)
+                result.round = round_index
                 if relays and result.tokens:
                     after = [r.stats.snapshot() for r in relays]
                     moved = sum(
@@ -565,8 +572,23 @@ def summarize(results: list[Result]) -> list[tuple[Result, float, float]]:
     return out
 
 
+def paired_ratios(
+    results: list[Result], reference: str = "llama-server"
+) -> dict[tuple[str, int], list[float]]:
+    """Per server and client count: its rate over the reference's rate of the same round, round by round.
+    Rounds are minutes apart at most, so this cancels the slow drift of a shared machine that the ratio of
+    two medians keeps."""
+    ref = {(r.round, r.clients): r.rate for r in results if r.target == reference and r.rate}
+    out: dict[tuple[str, int], list[float]] = {}
+    for r in results:
+        if (r.round, r.clients) in ref:
+            out.setdefault((r.target, r.clients), []).append(r.rate / ref[(r.round, r.clients)])
+    return out
+
+
 def print_table(results: list[Result], clients: list[int], model: pathlib.Path, args) -> None:
     rows = summarize(results)
+    paired = paired_ratios(results)
     base = {r.clients: r.rate for r, _, _ in rows if r.target == "llama-server"}
     base_decode = {r.clients: r.decode_rate for r, _, _ in rows if r.target == "llama-server"}
     prompt = f"{args.prompt_tokens}-token prompts" if args.prompt_tokens else "short prompts"
@@ -576,10 +598,11 @@ def print_table(results: list[Result], clients: list[int], model: pathlib.Path, 
     )
     print(f"median of {args.rounds} interleaved round(s)\n")
     print(
-        "| server | clients | tokens | seconds | tok/s | range | vs llama-server | mean TTFT ms | RPC KiB/token "
-        "| RPC round trips/token | decode tok/s per stream | decode vs llama-server | max TTFT ms |"
+        "| server | clients | tokens | seconds | tok/s | range | vs llama-server | per round vs llama-server "
+        "| mean TTFT ms | RPC KiB/token | RPC round trips/token | decode tok/s per stream "
+        "| decode vs llama-server | max TTFT ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r, low, high in rows:
         ratio = f"{r.rate / base[r.clients]:.2f}x" if base.get(r.clients) else "—"
         kib = f"{r.rpc_bytes_per_token / 1024:.1f}" if r.rpc_bytes_per_token is not None else "—"
@@ -588,7 +611,14 @@ def print_table(results: list[Result], clients: list[int], model: pathlib.Path, 
         ref = base_decode.get(r.clients)
         decode_ratio = f"{r.decode_rate / ref:.2f}x" if ref and r.decode_rate else "—"
         worst = f"{r.ttft_max * 1000:.0f}" if r.ttft_max is not None else "—"
+        each = sorted(paired.get((r.target, r.clients), []))
+        per_round = (
+            f"{statistics.median(each):.2f}x ({each[0]:.2f} to {each[-1]:.2f})"
+            if len(each) > 1 and r.target != "llama-server"
+            else "—"
+        )
         print(
-            f"| {r.target} | {r.clients} | {r.tokens} | {r.seconds:.1f} | {r.rate:.2f} | {low:.2f} to {high:.2f} | {ratio} "
-            f"| {r.ttft * 1000:.0f} | {kib} | {trips} | {decode} | {decode_ratio} | {worst} |"
+            f"| {r.target} | {r.clients} | {r.tokens} | {r.seconds:.1f} | {r.rate:.2f} | {low:.2f} to {high:.2f} "
+            f"| {ratio} | {per_round} | {r.ttft * 1000:.0f} | {kib} | {trips} | {decode} | {decode_ratio} "
+            f"| {worst} |"
         )

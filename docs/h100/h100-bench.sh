@@ -9,7 +9,8 @@
 # Inputs, in $CARRY (default .gpu): llama.cpp-src.tar.gz (the llama.cpp sources vendored in the
 # llama-cpp-python 0.3.36 sdist), llama_cpp-py.tar.gz (that sdist's Python package), whl/ (wheels of
 # aiohttp and its dependencies, prometheus-client, gguf, diskcache) and src/ (this repository's inference/ and
-# docs/h100/). Work and results go to $W (default /tmp/w); results to $W/out.
+# docs/h100/). Work and results go to $W (default /tmp/w); results to $W/out. $STAGES names the benchmark
+# stages to run (default all, in the order below).
 set -u
 CARRY=${CARRY:-$PWD/.gpu}
 SRC=${SRC:-$CARRY/src}
@@ -20,6 +21,9 @@ BUILD=$W/llama.cpp/build
 BIN=${BIN:-$BUILD/bin}          # a llama.cpp build of one's own: its build and the model's are skipped
 PI_CPUS=${PI_CPUS:-0-3:4-7:8-11:12-15}
 PYTHON=${PYTHON:-python3}
+STAGES=${STAGES:-gpu-local gpu-rpc pi-emulation engine-profile gpu-rpc-relay gpu-local-t4}
+
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 log() { echo "$(date +%T) $*" | tee -a "$RES/progress.log"; }
 
@@ -97,38 +101,42 @@ pipeline() {
   log "memory bandwidth measured"
 
   # 1. Local GPU: this service against llama-server, same settings (-kvu: our engine has one KV pool).
-  bench gpu-local 360 --llama-server "$BIN/llama-server" --threads 16 --ctx 32768 --parallel 16 \
-    --flash-attn on --gpu-layers 999 --kv-unified --clients 1,4,16 --requests 3 --max-tokens 256 \
-    --prompt-tokens 512 --rpc-splits ''
+  want gpu-local && bench gpu-local 360 --llama-server "$BIN/llama-server" --threads 16 --ctx 32768 \
+    --parallel 16 --flash-attn on --gpu-layers 999 --kv-unified --clients 1,4,16 --requests 3 \
+    --max-tokens 256 --prompt-tokens 512 --rpc-splits ''
 
-  # Where the engine's decode step goes, without HTTP (compare llama-server's own "eval time" in its log).
-  timeout 150 $PYTHON "$SRC/docs/h100/engine_profile.py" "$MODEL" --threads 16 >"$RES/engine-profile.md" \
-    2>"$RES/engine-profile.err"
-  log "engine profile exited $?"
+  # 2. The head (no GPU of its own) with two RPC workers that serve the GPU, connected directly.
+  want gpu-rpc && bench gpu-rpc 300 --threads 16 --ctx 32768 --parallel 16 --flash-attn on --gpu-layers 999 \
+    --skip-local --clients 1,4,16 --requests 1 --max-tokens 128 --prompt-tokens 512 \
+    --rpc-splits layer,tensor --rpc-workers 2 --rpc-worker-threads 8 --rpc-head-device cpu --no-relay
 
   # 3. Four Pi-sized CPU workers (4 pinned cores, 4 threads, no GPU) behind gigabit-link relays;
   #    the head without GPU too. The local run is this service alone on 4 threads, for reference.
-  export CUDA_VISIBLE_DEVICES=
-  bench pi-emulation 420 --threads 4 --ctx 4096 --parallel 4 --flash-attn on \
-    --clients 1,4 --requests 1 --max-tokens 32 --rpc-splits layer,tensor --rpc-workers 4 \
-    --rpc-worker-threads 4 --rpc-worker-cpus "$PI_CPUS" --rpc-worker-device cpu \
-    --rpc-head-device cpu --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load
-  unset CUDA_VISIBLE_DEVICES
+  if want pi-emulation; then
+    export CUDA_VISIBLE_DEVICES=
+    bench pi-emulation 420 --threads 4 --ctx 4096 --parallel 4 --flash-attn on \
+      --clients 1,4 --requests 1 --max-tokens 32 --rpc-splits layer,tensor --rpc-workers 4 \
+      --rpc-worker-threads 4 --rpc-worker-cpus "$PI_CPUS" --rpc-worker-device cpu \
+      --rpc-head-device cpu --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load
+    unset CUDA_VISIBLE_DEVICES
+  fi
 
-  # 2. The head (no GPU of its own) with two RPC workers that serve the GPU, connected directly.
-  bench gpu-rpc 300 --threads 16 --ctx 32768 --parallel 16 --flash-attn on --gpu-layers 999 --skip-local \
-    --clients 1,4,16 --requests 1 --max-tokens 128 --prompt-tokens 512 --rpc-splits layer,tensor \
-    --rpc-workers 2 --rpc-worker-threads 8 --rpc-head-device cpu --no-relay
+  # Where the engine's decode step goes, without HTTP (compare llama-server's own "eval time" in its log).
+  if want engine-profile; then
+    timeout 150 $PYTHON "$SRC/docs/h100/engine_profile.py" "$MODEL" --threads 16 >"$RES/engine-profile.md" \
+      2>"$RES/engine-profile.err"
+    log "engine profile exited $?"
+  fi
 
-  # 2b. The same through counting relays (no link model): RPC bytes and round trips per token.
-  bench gpu-rpc-relay 240 --threads 16 --ctx 32768 --parallel 16 --flash-attn on --gpu-layers 999 \
-    --skip-local --clients 1 --requests 1 --max-tokens 64 --prompt-tokens 512 \
+  # 2b. The same as 2 through counting relays (no link model): RPC bytes and round trips per token.
+  want gpu-rpc-relay && bench gpu-rpc-relay 240 --threads 16 --ctx 32768 --parallel 16 --flash-attn on \
+    --gpu-layers 999 --skip-local --clients 1 --requests 1 --max-tokens 64 --prompt-tokens 512 \
     --rpc-splits layer,tensor --rpc-workers 2 --rpc-worker-threads 8 --rpc-head-device cpu
 
   # 1b. Fewer CPU threads for both servers on the GPU.
-  bench gpu-local-t4 200 --llama-server "$BIN/llama-server" --threads 4 --ctx 32768 --parallel 16 \
-    --flash-attn on --gpu-layers 999 --kv-unified --clients 1,4 --requests 2 --max-tokens 256 \
-    --prompt-tokens 512 --rpc-splits ''
+  want gpu-local-t4 && bench gpu-local-t4 200 --llama-server "$BIN/llama-server" --threads 4 --ctx 32768 \
+    --parallel 16 --flash-attn on --gpu-layers 999 --kv-unified --clients 1,4 --requests 2 \
+    --max-tokens 256 --prompt-tokens 512 --rpc-splits ''
   log "pipeline done"
 }
 

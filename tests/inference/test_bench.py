@@ -93,3 +93,23 @@ def test_no_measured_prompt_repeats_or_starts_like_the_warm_up():
     assert len(set(prompts)) == len(prompts)
     first_words = {p.split()[0] for p in prompts}
     assert bench.WARM_UP_PROMPT.split()[0] not in first_words
+
+
+def test_paired_ratios_compare_servers_within_each_round():
+    def result(target, rnd, rate, clients=1):
+        return bench.Result(
+            target=target, clients=clients, tokens=int(rate * 10), seconds=10.0, ttft=0.1, round=rnd
+        )
+
+    results = [
+        result("llama-server", 0, 100),
+        result("llmfleet", 0, 90),
+        result("llama-server", 1, 200),  # a fast round for both: the ratio of medians would blur it
+        result("llmfleet", 1, 190),
+        result("llmfleet", 2, 500),  # no reference in this round: not paired
+        result("llmfleet", 0, 40, clients=4),
+    ]
+    ratios = bench.paired_ratios(results)
+    assert ratios[("llmfleet", 1)] == pytest.approx([0.9, 0.95])
+    assert ratios[("llama-server", 1)] == pytest.approx([1.0, 1.0])
+    assert ("llmfleet", 4) not in ratios
