@@ -14,6 +14,7 @@ that has arrived with one read):
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import pickle
@@ -24,8 +25,6 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy
 
 from inference.config import ServeConfig
 
@@ -102,7 +101,13 @@ class Engine:
     def __init__(self, config: ServeConfig):
         import llama_cpp
 
+        # Only after llama_cpp: with a CUDA build, numpy's libraries loaded before llama.cpp's made the model
+        # load crash (numpy 2 from PyPI, H100 machine); llama_cpp itself imports numpy after its libraries.
+        import numpy
+
         from inference import ggml
+
+        self.logits_of = numpy.ctypeslib.as_array
 
         self.llama_cpp = llama_cpp
         self.config = config
@@ -278,7 +283,7 @@ class Engine:
         candidate array of the whole vocabulary that llama_sampler_sample builds for every token (152k
         entries for Qwen3)."""
         logits = self.llama_cpp.llama_get_logits_ith(self.ctx, index)
-        return int(numpy.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+        return int(self.logits_of(logits, shape=(self.n_vocab,)).argmax())
 
 
 _LENGTH = struct.Struct("!I")
@@ -322,6 +327,7 @@ def poller(conn) -> Callable[[], bool]:
 
 def run(config: ServeConfig, conn) -> None:
     """Entry point of the engine process."""
+    faulthandler.enable()  # a crash inside llama.cpp leaves the Python stack in the server's log
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     out = conn.fileno()

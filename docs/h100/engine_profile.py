@@ -1,5 +1,6 @@
-"""Where the engine's decode step spends its time, without the HTTP front: ``llama_decode``, sampling and the
-Python around them, for 1, 4 and 16 sequences decoding together.
+"""Where the engine's decode step spends its time, without the HTTP front: ``llama_decode``, sampling (the
+greedy argmax, or a sampler chain; on a GPU it includes waiting for the logits) and the Python around them,
+for 1, 4 and 16 sequences decoding together.
 
     python docs/h100/engine_profile.py MODEL [--gpu-layers 999] [--threads 16] [--prompt-tokens 512]
 
@@ -27,9 +28,9 @@ class Timed:
             if not name.startswith("__"):
                 setattr(self, name, getattr(llama_cpp, name))
         for name in names:
-            setattr(self, name, self._wrap(name, getattr(llama_cpp, name)))
+            setattr(self, name, self.wrap(name, getattr(llama_cpp, name)))
 
-    def _wrap(self, name, fn):
+    def wrap(self, name, fn):
         def timed(*args):
             started = time.perf_counter()
             try:
@@ -63,6 +64,8 @@ def main() -> None:
     engine.llama_cpp = types.SimpleNamespace(
         **{k: getattr(timed, k) for k in dir(timed) if not k.startswith("__")}
     )
+    timed.seconds["argmax"] = 0.0
+    engine._argmax = timed.wrap("argmax", engine._argmax)  # greedy sequences skip the sampler chain
     print("| sequences | decode steps | ms/step | llama_decode ms | sampling ms | Python ms | tok/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     request = 0
@@ -85,7 +88,7 @@ def main() -> None:
             steps += 1
         elapsed = time.perf_counter() - started
         decode = timed.seconds["llama_decode"]
-        sample = timed.seconds["llama_sampler_sample"]
+        sample = timed.seconds["llama_sampler_sample"] + timed.seconds["argmax"]
         rest = elapsed - decode - sample
         print(
             f"| {n} | {steps} | {1000 * elapsed / steps:.2f} | {1000 * decode / steps:.2f} "

@@ -21,7 +21,7 @@ BUILD=$W/llama.cpp/build
 BIN=${BIN:-$BUILD/bin}          # a llama.cpp build of one's own: its build and the model's are skipped
 PI_CPUS=${PI_CPUS:-0-3:4-7:8-11:12-15}
 PYTHON=${PYTHON:-python3}
-STAGES=${STAGES:-gpu-local gpu-rpc pi-emulation engine-profile gpu-rpc-relay gpu-local-t4}
+STAGES=${STAGES-membw gpu-local gpu-rpc pi-emulation engine-profile gpu-rpc-relay gpu-local-t4}
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -97,8 +97,10 @@ pipeline() {
   [ -d /tmp/site/llama_cpp ] && ln -sfn "$BIN" /tmp/site/llama_cpp/lib
   $PYTHON -c "from inference import ggml; print(ggml.devices())" >>"$RES/progress.log" 2>&1 ||
     { log "the Python package cannot load the build"; return 1; }
-  timeout 120 $PYTHON "$SRC/docs/h100/membw.py" 0 0-3 0-7 0-15 >"$RES/membw.md" 2>&1
-  log "memory bandwidth measured"
+  if want membw; then
+    timeout 120 $PYTHON "$SRC/docs/h100/membw.py" 0 0-3 0-7 0-15 >"$RES/membw.md" 2>&1
+    log "memory bandwidth measured"
+  fi
 
   # 1. Local GPU: this service against llama-server, same settings (-kvu: our engine has one KV pool).
   want gpu-local && bench gpu-local 360 --llama-server "$BIN/llama-server" --threads 16 --ctx 32768 \

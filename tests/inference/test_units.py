@@ -157,3 +157,14 @@ def test_engine_messages_split_across_reads_come_out_whole_and_in_order():
         received.extend(reader.feed(data[at : at + 7]))
     assert received == messages
     assert not reader.buffer
+
+
+def test_the_engine_process_loads_llama_cpp_before_numpy():
+    """With a CUDA build, numpy's libraries loaded first made the model load crash; the engine process starts
+    by importing the server's modules, so none of them may import numpy at module level."""
+    code = (
+        "import sys; import inference.cli, inference.server, inference.supervisor, inference.engine; "
+        "print(sorted(m for m in ('numpy', 'gguf') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
