@@ -235,8 +235,10 @@ class _Output:
 
     def fail(self, message: str) -> None:
         if not self.done.done():
-            self.error(message)
-            self.close()
+            try:
+                self.error(message)
+            finally:
+                self.close()
 
     def close(self) -> None:
         if not self.done.done():

@@ -193,14 +193,21 @@ class Supervisor:
                 request = self.active.get(request_id)
                 if request is None:
                     continue
-                if token >= 0:
-                    self._deliver_token(request, token, now)
-                if finish:
-                    self._finish(request)
-                    if finish.startswith("error:"):
-                        request.output.fail(finish.removeprefix("error:"))
-                    else:
-                        request.output.finish(finish)
+                try:
+                    if token >= 0:
+                        self._deliver_token(request, token, now)
+                    if finish:
+                        self._finish(request)
+                        if finish.startswith("error:"):
+                            request.output.fail(finish.removeprefix("error:"))
+                        else:
+                            request.output.finish(finish)
+                except Exception:
+                    # One request's output must not cost the others the rest of this step.
+                    log.exception("delivering to request %d failed; cancelling it", request_id)
+                    self.cancel(request)
+                    with contextlib.suppress(Exception):
+                        request.output.fail("internal error while sending the reply; see the server log")
         elif kind == "ready":
             self.engine_info = message[1]
             for worker in self.workers.values():

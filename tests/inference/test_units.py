@@ -168,3 +168,37 @@ def test_the_engine_process_loads_llama_cpp_before_numpy():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+class _Recorder:
+    def __init__(self, broken: bool = False):
+        self.broken, self.events = broken, []
+
+    def token(self, token: int) -> None:
+        if self.broken:
+            raise RuntimeError("broken output")
+        self.events.append(("token", token))
+
+    def finish(self, reason: str) -> None:
+        self.events.append(("finish", reason))
+
+    def fail(self, message: str) -> None:
+        self.events.append(("fail", message))
+
+
+def test_a_failing_output_costs_only_its_own_request(caplog):
+    from prometheus_client import CollectorRegistry
+
+    from inference.engine import SamplingParams
+    from inference.metrics import Metrics
+    from inference.supervisor import Request, Supervisor
+
+    supervisor = Supervisor(ServeConfig(model="unused.gguf"), Metrics(CollectorRegistry()))
+    broken, fine = _Recorder(broken=True), _Recorder()
+    for rid, output in ((1, broken), (2, fine)):
+        supervisor.active[rid] = Request([1, 2], SamplingParams(max_tokens=4), output, id=rid)
+    supervisor._handle(("step", [(1, 7, None), (2, 8, None), (2, 9, "length")], (6, 2)))
+    assert fine.events == [("token", 8), ("token", 9), ("finish", "length")]
+    assert broken.events[0][0] == "fail"
+    assert not supervisor.active
+    assert "delivering to request 1 failed" in caplog.text
