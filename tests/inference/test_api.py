@@ -207,25 +207,30 @@ def _metric(server, name: str) -> float:
     return float(next(x for x in metrics.splitlines() if x.startswith(name + " ")).split()[1])
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
-    body = {"prompt": "Far away", "max_tokens": 400, "temperature": 0}
-    full = http("POST", server.url + "/v1/completions", body, AUTH)[2]
-    assert full["choices"][0]["finish_reason"] == "length"  # else leaving early would prove nothing
-    before = _metric(server, "llmfleet_completion_tokens_total")
-    conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), AUTH)
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.readline().startswith(b"data: ")
-    assert _metric(server, "llmfleet_kv_cache_tokens") > 0
-    conn.close()
-    deadline = time.monotonic() + 30
-    while http("GET", server.url + "/health")[2]["slots"]["active"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert http("GET", server.url + "/health")[2]["slots"]["active"] == 0
-    assert _metric(server, "llmfleet_completion_tokens_total") - before < body["max_tokens"]
-    assert _metric(server, "llmfleet_kv_cache_tokens") == 0
-    assert _metric(server, "llmfleet_kv_cache_usage_ratio") == 0
+def test_a_client_that_leaves_mid_stream_frees_its_sequence(tiny_model, tmp_path):
+    # A context long enough that the stream outlasts every check below by seconds, even on a busy machine.
+    server = Server(tmp_path, tiny_model, "--ctx", "4096", "--parallel", "1")
+    try:
+        body = {"prompt": "Lorem ipsum", "max_tokens": 4000, "temperature": 0}
+        full = http("POST", server.url + "/v1/completions", body, timeout=300)[2]
+        assert full["choices"][0]["finish_reason"] == "length"  # else leaving early would prove nothing
+        before = _metric(server, "llmfleet_completion_tokens_total")
+        conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}))
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")
+        assert _metric(server, "llmfleet_kv_cache_tokens") > 0
+        conn.close()
+        deadline = time.monotonic() + 30
+        while http("GET", server.url + "/health")[2]["slots"]["active"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http("GET", server.url + "/health")[2]["slots"]["active"] == 0
+        assert _metric(server, "llmfleet_completion_tokens_total") - before < body["max_tokens"]
+        assert _metric(server, "llmfleet_kv_cache_tokens") == 0
+        assert _metric(server, "llmfleet_kv_cache_usage_ratio") == 0
+    finally:
+        server.stop()
 
 
 def test_streams_and_plain_replies_share_one_kept_alive_connection(server):
