@@ -266,9 +266,10 @@ def chunk_frame(req: GenerationRequest) -> tuple[str, str]:
     ``json.dumps(chunk_body(req, text, None), separators=(",", ":"))``."""
     marker = "\x00"
     encoded = json.dumps(chunk_body(req, marker, None), separators=(",", ":"))
-    if encoded.count(json.dumps(marker)) != 1:
+    placeholder = json.dumps(marker)
+    if encoded.count(placeholder) != 1:
         raise ValueError(f"no single text field in {encoded}")
-    before, _, after = encoded.partition(json.dumps(marker))
+    before, _, after = encoded.partition(placeholder)
     return before, after
 
 

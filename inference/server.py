@@ -282,6 +282,12 @@ async def _collect(req: GenerationRequest, output: _Collected) -> web.Response:
     return _json(200, api.completion_body(req, text, output.reason, output.prompt_n, output.generated))
 
 
+def _sse(payload: dict | str) -> bytes:
+    """One server-sent event: a JSON body, or a bare string such as [DONE]."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
 class _EventStream(_Output):
     """Server-sent events written to the connection as each token arrives: one transport write per token,
     with no task switch in between. Until the response's headers are out, events wait in ``pending``."""
@@ -314,13 +320,10 @@ class _EventStream(_Output):
             transport.write(data)
 
     def _event(self, payload: dict | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-        self._write(f"data: {data}\n\n".encode())
+        self._write(_sse(payload))
 
     def opening(self) -> bytes:
-        if self.req.kind != "chat":
-            return b""
-        return f"data: {json.dumps(api.chunk_body(self.req, '', None, role=True), separators=(',', ':'))}\n\n".encode()
+        return _sse(api.chunk_body(self.req, "", None, role=True)) if self.req.kind == "chat" else b""
 
     def piece(self, text: str) -> None:
         self._write(f"data: {self.before}{json.dumps(text)}{self.after}\n\n".encode())
