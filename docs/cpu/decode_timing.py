@@ -60,6 +60,32 @@ print(1000 * statistics.median(times))
     return float(out.stdout.split()[-1])
 
 
+def greedy_choice(model: str, threads: int) -> tuple[float, float]:
+    """Microseconds per greedy token choice over the same logits: llama.cpp's greedy sampler (what
+    llama_sampler_sample does for every token: a candidate array of the whole vocabulary) and the engine's
+    argmax."""
+    code = f"""
+import time
+from inference.config import ServeConfig
+from inference.engine import Engine, SamplingParams, _make_sampler
+engine = Engine(ServeConfig(model={model!r}, threads={threads}, ctx=4096, parallel=4).validated())
+engine.submit(0, [10, 11, 12, 13], SamplingParams(max_tokens=8, temperature=0))
+engine.step(); engine.step()  # the prompt, then one token: the last batch's only output is at index 0
+greedy = _make_sampler(engine.llama_cpp, engine.vocab, SamplingParams(max_tokens=1, temperature=0))
+n = 2000
+start = time.perf_counter()
+for _ in range(n):
+    chosen = engine.llama_cpp.llama_sampler_sample(greedy, engine.ctx, 0)
+middle = time.perf_counter()
+for _ in range(n):
+    assert engine._argmax(0) == chosen
+print(1e6 * (middle - start) / n, 1e6 * (time.perf_counter() - middle) / n)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    sampler, argmax = out.stdout.split()[-2:]
+    return float(sampler), float(argmax)
+
+
 def _start(argv: list[str]) -> subprocess.Popen:
     # In its own session, as bench.stop expects (it signals the process group).
     return subprocess.Popen(
@@ -136,6 +162,13 @@ def main() -> int:
             in_process_decode(args.model, args.threads, kv_unified, args.tokens) for _ in range(args.repeats)
         ]
         rows.append((f"llama_decode in-process, {label}", f"{statistics.median(values):.2f} ms/token"))
+    choices = [greedy_choice(args.model, args.threads) for _ in range(args.repeats)]
+    rows.append(
+        (
+            "greedy choice of a token: llama_sampler_sample / the engine's argmax",
+            f"{statistics.median(c[0] for c in choices):.1f} us / {statistics.median(c[1] for c in choices):.1f} us",
+        )
+    )
     for label, extra in (("default -np 4", []), ("-np 4 -kvu", ["-kvu"])):
         values = [
             llama_server_decode(args.llama_server, args.model, args.threads, extra, args.tokens)
