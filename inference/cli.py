@@ -12,11 +12,20 @@ from inference import worker as worker_module
 from inference.worker import ConfigError
 
 
-def _check_build(_args: argparse.Namespace) -> int:
+def _check_build(args: argparse.Namespace) -> int:
+    import llama_cpp
+
     from inference import ggml
 
+    if args.expect and llama_cpp.__version__ != args.expect:
+        print(
+            f"error: llama-cpp-python {llama_cpp.__version__} is installed, {args.expect} was expected; "
+            "run `make install` (it builds and installs the patched wheel)",
+            file=sys.stderr,
+        )
+        return 1
     ggml.check_rpc_build()
-    print("llama-cpp-python has the RPC backend")
+    print(f"llama-cpp-python {llama_cpp.__version__} has the RPC backend")
     return 0
 
 
@@ -46,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         experts_used=args.experts_used,
         api_key_file=args.api_key_file,
+        cors_origins=tuple(args.cors_origin),
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
@@ -57,6 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
         threadpool=args.threadpool,
         gpu_layers=args.gpu_layers,
         model_alias=args.alias,
+        rpc_timeout=args.rpc_timeout,
+        worker_probe_interval=args.worker_probe_interval,
     ).validated()
     asyncio.run(server.serve(config))
     return 0
@@ -121,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check-build", help="verify llama-cpp-python was built with the RPC backend")
+    check.add_argument("--expect", metavar="VERSION", help="fail unless llama-cpp-python is this version")
     check.set_defaults(func=_check_build)
 
     w = sub.add_parser("worker", help="serve this machine's ggml device over llama.cpp RPC")
@@ -160,6 +173,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--gpu-layers", type=int, default=999, help="layers offloaded to GPUs and RPC devices")
     s.add_argument("--alias", help="model name in the API (default: the file name without .gguf)")
+    s.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let pages of this origin (https://host[:port]; repeat or comma-separate; * for any) call the "
+        "API from a browser: CORS preflights are answered and replies carry Access-Control-Allow-Origin "
+        "(default: none)",
+    )
+    s.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest wait for the RPC workers per micro-batch of a decode step, or between two tensors "
+        "while loading; past it the engine restarts and /health names the worker (default 60)",
+    )
+    s.add_argument(
+        "--worker-probe-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often an idle engine checks that its RPC workers answer (default 5)",
+    )
     s.set_defaults(func=_serve)
 
     _add_synth_model(sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import socket
 from dataclasses import dataclass, field, replace
 
 from inference.worker import ConfigError, usable_cpus
@@ -14,18 +15,85 @@ GGUF_MAGIC = b"GGUF"
 MAX_PARALLEL = 64
 
 
+def rpc_endpoint(item: str) -> tuple[str, int]:
+    """One --rpc entry as ggml's RPC client reads it: (host, port), or a ConfigError naming the fix.
+
+    ggml-rpc's ``parse_endpoint`` splits the entry at its first ':' and its client resolves the host with
+    ``gethostbyname`` and connects over AF_INET: an IPv4 address or a name with an IPv4 address. An IPv6
+    endpoint, bracketed or not, aborts the engine with "Failed to parse endpoint" or "Cannot resolve host".
+    """
+    if "[" in item or item.count(":") > 1:
+        raise ConfigError(
+            f"--rpc entry {item!r} is an IPv6 endpoint, but ggml's RPC client connects over IPv4 only; "
+            "give the worker's IPv4 address, e.g. 10.0.0.11:50052 (the worker binds IPv4 only too)"
+        )
+    host, sep, port = item.partition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(f"--rpc entry {item!r} is not host:port (for example 10.0.0.11:50052)")
+    return host, int(port)
+
+
+def resolve_ipv4(item: str, host: str) -> str:
+    """The IPv4 address ggml's client would connect to for ``host`` (``gethostbyname``: IPv4 only)."""
+    try:
+        return socket.gethostbyname(host)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(
+            f"--rpc entry {item!r}: {host!r} has no IPv4 address here, and ggml's RPC client resolves names "
+            "to IPv4 only; fix the name or give the worker's IPv4 address, e.g. 10.0.0.11:50052"
+        ) from exc
+
+
 def parse_endpoints(text: str) -> list[str]:
-    """``host:port,host:port`` -> endpoints; IPv6 hosts in brackets."""
+    """``host:port,host:port`` -> endpoints (IPv4 addresses or names)."""
     endpoints = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
             continue
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"--rpc entry {item!r} is not host:port (for example 10.0.0.11:50052)")
+        rpc_endpoint(item)
         endpoints.append(item)
     return endpoints
+
+
+def check_rpc_endpoints(endpoints: tuple[str, ...]) -> None:
+    """Every entry usable by ggml's client, and no worker twice, however it is written."""
+    seen: dict[tuple[str, int], str] = {}
+    for item in endpoints:
+        host, port = rpc_endpoint(item)
+        worker = (resolve_ipv4(item, host), port)
+        if worker in seen:
+            raise ConfigError(
+                f"--rpc lists the worker at {worker[0]}:{port} twice ({seen[worker]!r} and {item!r}); a worker "
+                "serves one client at a time, so the head's second connection would never be answered: "
+                "list each worker once"
+            )
+        seen[worker] = item
+
+
+def parse_origins(items) -> tuple[str, ...]:
+    """--cors-origin values (each one origin or a comma list) -> origins as browsers send them, or ``*``."""
+    origins = []
+    for raw in items:
+        for part in raw.split(","):
+            item = part.strip().lower().rstrip("/")
+            if not item:
+                continue
+            scheme, sep, host = item.partition("://")
+            if item != "*" and (
+                not sep
+                or not scheme.isascii()
+                or not scheme[:1].isalpha()
+                or not host
+                or any(c in host for c in "/?#@ ")
+            ):
+                raise ConfigError(
+                    f"--cors-origin {part.strip()!r} is not an origin; give scheme://host[:port] as a browser "
+                    "sends it (https://chat.example.org, http://localhost:3000), or * for any origin"
+                )
+            if item not in origins:
+                origins.append(item)
+    return tuple(origins)
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -53,6 +121,7 @@ class ServeConfig:
     parallel: int = 4
     experts_used: int | None = None
     api_key_file: str | None = None
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser; "*" for any
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     metrics_port: int | None = None
@@ -66,6 +135,7 @@ class ServeConfig:
     model_alias: str | None = None
     retry_after: int = 5
     worker_probe_interval: float = 5.0
+    rpc_timeout: float = 60.0
     api_key: str | None = field(default=None, repr=False)
 
     def validated(self) -> ServeConfig:
@@ -92,6 +162,12 @@ class ServeConfig:
             )
         if self.experts_used is not None and self.experts_used < 1:
             raise ConfigError(f"--experts-used {self.experts_used} must be at least 1")
+        if not self.rpc_timeout > 0:
+            raise ConfigError(
+                f"--rpc-timeout {self.rpc_timeout} must be a positive number of seconds (default 60)"
+            )
+        if not self.worker_probe_interval > 0:
+            raise ConfigError(f"--worker-probe-interval {self.worker_probe_interval} must be a positive number")
         if self.queue_size < 0:
             raise ConfigError(f"--queue-size {self.queue_size} must be 0 or more")
         if not 1 <= self.ubatch <= self.batch:
@@ -99,6 +175,7 @@ class ServeConfig:
         for option, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
             if port is not None and not 0 <= port < 65536:
                 raise ConfigError(f"{option} {port} is not a TCP port; use 1-65535 (0 picks a free one)")
+        cors_origins = parse_origins(self.cors_origins)
         if self.tensor_split and self.rpc and len(self.tensor_split) < len(self.rpc):
             raise ConfigError(
                 f"--tensor-split has {len(self.tensor_split)} weights for {len(self.rpc)} RPC workers; "
@@ -116,12 +193,15 @@ class ServeConfig:
                 raise ConfigError(
                     f"--api-key-file {self.api_key_file} is empty; put the key on its first line"
                 )
+        # Last, since it may resolve worker names.
+        check_rpc_endpoints(self.rpc)
         return replace(
             self,
             model=str(path.resolve()),
             threads=self.threads or usable_cpus(),
             api_key=api_key,
             model_alias=self.model_alias or path.name.removesuffix(".gguf"),
+            cors_origins=cors_origins,
         )
 
     @property

@@ -9,10 +9,17 @@ Messages to the server (length-prefixed pickles, see send() and MessageReader, s
 that has arrived with one read):
     ("ready", info)   ("fatal", message)
     ("step", [(request_id, token, finish_reason | None), ...], stats)
+A finish reason ``"error:<message>"`` fails that request alone; a "fatal" message precedes the engine's exit and
+says why, so that the server can report the cause instead of an exit code.
+
+With RPC workers, a watchdog thread bounds every wait on them (loading, each decode step, see StepWatchdog),
+and between steps the engine watches its RPC connections, so that a worker that hangs, restarts or drops off
+the network ends this process with a message naming it instead of leaving every client waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
 import logging
@@ -21,7 +28,11 @@ import pickle
 import random
 import select
 import signal
+import socket
 import struct
+import threading
+import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,14 +55,30 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # llama-server's extension: end-of-generation tokens are never chosen
 
 
 class EngineError(RuntimeError):
     pass
 
 
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` of an exception, for a client or /health (the traceback goes to the log)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class _Sequence:
-    __slots__ = ("generated", "max_tokens", "n_past", "pending", "request_id", "sampler", "seq_id")
+    __slots__ = (
+        "generated",
+        "ignore_eos",
+        "max_tokens",
+        "n_past",
+        "pending",
+        "request_id",
+        "sampler",
+        "seq_id",
+    )
 
     def __init__(self, request_id: int, seq_id: int, prompt: list[int], sampler, max_tokens: int):
         """``sampler`` is a llama.cpp sampler chain, or None for plain greedy decoding."""
@@ -62,43 +89,67 @@ class _Sequence:
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.generated = 0
+        self.ignore_eos = False
+
+
+# Tokens looked back on by the presence and frequency penalties (llama-server's default repeat_last_n).
+PENALTY_LAST_N = 64
 
 
 def _is_greedy(params: SamplingParams) -> bool:
     return params.temperature <= 0.0 and not (params.presence_penalty or params.frequency_penalty)
 
 
-def _make_sampler(llama_cpp, vocab, params: SamplingParams):
+def _make_sampler(llama_cpp, n_vocab: int, params: SamplingParams, eog_tokens: list[int]):
+    """A llama.cpp sampler chain for ``params``. Raises EngineError when llama.cpp refuses a part of it."""
     chain_params = llama_cpp.llama_sampler_chain_default_params()
     chain_params.no_perf = True
     chain = llama_cpp.llama_sampler_chain_init(chain_params)
-    add = llama_cpp.llama_sampler_chain_add
+    try:
+        _fill_chain(llama_cpp, chain, n_vocab, params, eog_tokens)
+    except BaseException:
+        llama_cpp.llama_sampler_free(chain)
+        raise
+    return chain
+
+
+def _fill_chain(llama_cpp, chain, n_vocab: int, params: SamplingParams, eog_tokens: list[int]) -> None:
+    def add(sampler, name: str) -> None:
+        if not sampler:
+            raise EngineError(f"llama.cpp could not create the {name} sampler")
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    if params.ignore_eos and eog_tokens:
+        biases = (llama_cpp.llama_logit_bias * len(eog_tokens))()
+        for bias, token in zip(biases, eog_tokens, strict=True):
+            bias.token, bias.bias = token, float("-inf")
+        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases), "logit bias")
     if params.presence_penalty or params.frequency_penalty:
+        # llama-cpp-python 0.3.36 binds the llama.h of its vendored llama.cpp: n_vocab comes first.
         add(
-            chain,
             llama_cpp.llama_sampler_init_penalties(
-                64, 1.0, params.frequency_penalty, params.presence_penalty
+                n_vocab, PENALTY_LAST_N, 1.0, params.frequency_penalty, params.presence_penalty
             ),
+            "penalties",
         )
     if params.temperature <= 0.0:
-        add(chain, llama_cpp.llama_sampler_init_greedy())
-        return chain
+        add(llama_cpp.llama_sampler_init_greedy(), "greedy")
+        return
     if params.top_k > 0:
-        add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        add(llama_cpp.llama_sampler_init_top_k(params.top_k), "top-k")
     if params.top_p < 1.0:
-        add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1), "top-p")
     if params.min_p > 0.0:
-        add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
-    add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1), "min-p")
+    add(llama_cpp.llama_sampler_init_temp(params.temperature), "temperature")
     seed = params.seed if params.seed is not None else random.getrandbits(32)
-    add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    return chain
+    add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF), "distribution")
 
 
 class Engine:
     """Model, context and the continuous-batching loop. Single-threaded; lives in its own process."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, watchdog: StepWatchdog | None = None):
         import llama_cpp
 
         # Only after llama_cpp: with a CUDA build, numpy's libraries loaded before llama.cpp's made the model
@@ -111,14 +162,25 @@ class Engine:
 
         self.llama_cpp = llama_cpp
         self.config = config
+        # Only RPC waits can hang: a local model has nothing to watch.
+        self.watchdog = watchdog if config.rpc else None
         llama_cpp.llama_backend_init()
         self.rpc_devices = []
+        self.rpc_handles: list[tuple[str, int]] = []  # (endpoint, device handle)
         for endpoint in config.rpc:
-            self.rpc_devices.extend(ggml.add_rpc_server(endpoint))
+            self._arm(f"the RPC hello of {endpoint}")
+            for handle in ggml.add_rpc_server_handles(endpoint):
+                self.rpc_handles.append((endpoint, handle))
+                self.rpc_devices.append(ggml.describe(handle))
+        self._arm("loading the model onto the RPC workers")
         self.model = self._load_model()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        self._arm("creating the context on the RPC workers")
         self.ctx = self._new_context()
+        self._disarm()
+        self.connections = RpcConnections(config.rpc) if config.rpc else None
         # Kept for the life of this process, which the context shares.
         self.threadpool = ggml.attach_threadpool(self.ctx, config.threads) if config.threadpool else None
         self.memory = llama_cpp.llama_get_memory(self.ctx)
@@ -144,6 +206,14 @@ class Engine:
             overrides[1].key = b""
             self._overrides = overrides
             params.kv_overrides = overrides
+        if self.watchdog is not None:
+            # Every tensor that reaches the workers re-arms the deadline, so only a stalled upload trips it.
+            def progress(_fraction, _data):
+                self._arm("loading the model onto the RPC workers")
+                return True
+
+            self._progress = lc.llama_progress_callback(progress)
+            params.progress_callback = self._progress
         model = lc.llama_model_load_from_file(config.model.encode(), params)
         if not model:
             raise EngineError(f"llama.cpp could not load {config.model}; its log above says why")
@@ -176,6 +246,14 @@ class Engine:
             raise EngineError("llama.cpp could not create a context; lower --ctx or --parallel")
         return ctx
 
+    def _arm(self, what: str, ubatches: int = 1) -> None:
+        if self.watchdog is not None:
+            self.watchdog.arm(self.config.rpc_timeout * ubatches, what)
+
+    def _disarm(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.disarm()
+
     def info(self) -> dict:
         return {
             "rpc_devices": [d.__dict__ for d in self.rpc_devices],
@@ -187,14 +265,23 @@ class Engine:
 
     # -- sequences ----------------------------------------------------------------------------------------
     def submit(self, request_id: int, prompt: list[int], params: SamplingParams) -> str | None:
+        """Admit a request; returns why it cannot be served (that request alone fails), or None."""
         if not self.free_seq_ids:
             return "no free sequence slot"
         if not prompt:
             return "empty prompt"
-        seq_id = self.free_seq_ids.pop()
         max_tokens = min(params.max_tokens, self.n_ctx_seq - len(prompt))
-        sampler = None if _is_greedy(params) else _make_sampler(self.llama_cpp, self.vocab, params)
-        self.sequences[request_id] = _Sequence(request_id, seq_id, prompt, sampler, max_tokens)
+        try:
+            if _is_greedy(params):
+                sampler = None
+            else:
+                sampler = _make_sampler(self.llama_cpp, self.n_vocab, params, self.eog_tokens)
+        except Exception as exc:
+            log.exception("request %d: setting up its sampler failed", request_id)
+            return "could not set up sampling: " + describe_exception(exc)
+        seq = _Sequence(request_id, self.free_seq_ids.pop(), prompt, sampler, max_tokens)
+        seq.ignore_eos = params.ignore_eos
+        self.sequences[request_id] = seq
         return None
 
     def release(self, request_id: int) -> None:
@@ -256,15 +343,24 @@ class Engine:
         if n == 0:
             return []
         batch.n_tokens = n
+        if self.watchdog is not None:
+            ubatch = self.config.ubatch
+            self.watchdog.arm(
+                self.config.rpc_timeout * -(-n // ubatch), f"a decode step of {n} tokens on the RPC workers"
+            )
         status = lc.llama_decode(self.ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}")
         results = []
         for seq, index in outputs:
-            if seq.sampler is None:
-                new_token = self._argmax(index)
-            else:
-                new_token = lc.llama_sampler_sample(seq.sampler, self.ctx, index)
+            try:
+                new_token = self._choose(seq, index)
+            except Exception as exc:
+                # One sequence's sampling must not cost the others their step, nor the engine its life.
+                log.exception("request %d: sampling failed", seq.request_id)
+                results.append((seq.request_id, -1, "error:sampling failed: " + describe_exception(exc)))
+                self.release(seq.request_id)
+                continue
             seq.generated += 1
             finish = None
             if lc.llama_vocab_is_eog(self.vocab, new_token):
@@ -276,24 +372,37 @@ class Engine:
                 self.release(seq.request_id)
             else:
                 seq.pending.append(new_token)
+        if self.watchdog is not None:
+            self.watchdog.disarm()
         return results
 
-    def _argmax(self, index: int) -> int:
+    def _choose(self, seq: _Sequence, index: int) -> int:
+        if seq.sampler is not None:
+            return self.llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, index)
+        return self._argmax(index, seq.ignore_eos)
+
+    def _argmax(self, index: int, ignore_eos: bool = False) -> int:
         """The greedy choice, as llama.cpp's greedy sampler makes it (the first of equal maxima), without the
         candidate array of the whole vocabulary that llama_sampler_sample builds for every token (152k
         entries for Qwen3)."""
-        logits = self.llama_cpp.llama_get_logits_ith(self.ctx, index)
-        return int(self.logits_of(logits, shape=(self.n_vocab,)).argmax())
+        logits = self.logits_of(self.llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        if ignore_eos and self.eog_tokens:
+            logits[self.eog_tokens] = float("-inf")  # llama.cpp's buffer; rewritten by the next decode
+        return int(logits.argmax())
 
 
 _LENGTH = struct.Struct("!I")
 
 
+_SEND_LOCK = threading.Lock()  # the step watchdog's thread may send its fatal message
+
+
 def send(fd: int, message) -> None:
     payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
     data = memoryview(_LENGTH.pack(len(payload)) + payload)
-    while data:
-        data = data[os.write(fd, data) :]
+    with _SEND_LOCK:
+        while data:
+            data = data[os.write(fd, data) :]
 
 
 class MessageReader:
@@ -325,22 +434,158 @@ def poller(conn) -> Callable[[], bool]:
     return lambda: bool(poll.poll(0))
 
 
+EXIT_STALLED = 3  # the engine's exit status when the step watchdog ended it
+# The longest an idle engine waits for one worker's answer to a heartbeat; capped by --rpc-timeout.
+HEARTBEAT_TIMEOUT = 10.0
+
+
+class StepWatchdog:
+    """Ends the engine process when a wait on the RPC workers outlasts its deadline.
+
+    ggml's RPC client has no timeouts: a worker that is stopped (SIGSTOP, swapping to death) keeps its TCP
+    connection open and the client's recv() waits forever, as does one behind a dropped link until the kernel
+    gives up (15 minutes). The engine arms a deadline before each wait (a decode step: ``--rpc-timeout`` per
+    micro-batch; the model upload: ``--rpc-timeout`` between two tensors) and disarms it after; past it this
+    thread sends ("fatal", reason) and exits the process, and the server finds out which worker is at fault
+    and recovers. Arming is two attribute writes, so it costs a decode step nothing measurable.
+    """
+
+    def __init__(self, out_fd: int, tick: float = 0.25):
+        self._out, self._tick = out_fd, tick
+        self._deadline: float | None = None
+        self._seconds = 0.0
+        self._what = ""
+        threading.Thread(target=self._watch, daemon=True, name="step-watchdog").start()
+
+    def arm(self, seconds: float, what: str) -> None:
+        self._seconds, self._what = seconds, what
+        self._deadline = time.monotonic() + seconds
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            deadline = self._deadline
+            now = time.monotonic()
+            if deadline is None or now < deadline:
+                time.sleep(self._tick if deadline is None else min(self._tick, deadline - now))
+                continue
+            reason = (
+                f"no answer from the RPC workers within {self._seconds:g} s during {self._what}: a worker "
+                "hung or its network is down (--rpc-timeout)"
+            )
+            log.error("%s; ending the engine", reason)
+            with contextlib.suppress(OSError):
+                send(self._out, ("fatal", reason))
+            os._exit(EXIT_STALLED)
+
+
+class RpcConnections:
+    """The engine's TCP connections to its RPC workers, found among the process's sockets by peer address.
+
+    Between steps nothing may arrive on them, so a hang-up (the worker exited or restarted) shows at once as
+    POLLRDHUP/POLLHUP/POLLERR; without this an idle engine would learn of it only at its next request.
+    """
+
+    def __init__(self, endpoints: tuple[str, ...]):
+        from inference.config import split_endpoint
+
+        wanted: dict[tuple[str, int], str] = {}
+        for endpoint in endpoints:
+            host, port = split_endpoint(endpoint)
+            with contextlib.suppress(OSError):
+                for *_, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+                    wanted[(address[0], port)] = endpoint
+        self.endpoints: dict[int, str] = {}
+        self._sockets: list[socket.socket] = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    continue
+                sock = socket.socket(fileno=os.dup(int(name)))
+            except OSError:
+                continue
+            try:
+                peer = sock.getpeername() if sock.family in (socket.AF_INET, socket.AF_INET6) else None
+            except OSError:
+                peer = None
+            endpoint = wanted.get((peer[0], peer[1])) if peer else None
+            if endpoint is None:
+                sock.close()
+                continue
+            self._sockets.append(sock)
+            self.endpoints[sock.fileno()] = endpoint
+        self._poll = select.poll()
+        for fd in self.endpoints:
+            self._poll.register(fd, select.POLLRDHUP)
+        self.missing = sorted(set(endpoints) - set(self.endpoints.values()))
+
+    def register_in(self, poll: select.poll) -> None:
+        for fd in self.endpoints:
+            poll.register(fd, select.POLLRDHUP)
+
+    def hung_up(self, events=None) -> list[str]:
+        """Endpoints whose connection the worker closed; ``events`` from a poll that includes ours, else
+        polls now without waiting."""
+        if events is None:
+            events = self._poll.poll(0)
+        return sorted({self.endpoints[fd] for fd, _ in events if fd in self.endpoints})
+
+
+def _heartbeat(engine: Engine, watchdog: StepWatchdog) -> None:
+    """One round trip to every RPC device over the engine's own connections, under the watchdog."""
+    from inference import ggml
+
+    timeout = min(engine.config.rpc_timeout, HEARTBEAT_TIMEOUT)
+    for endpoint, handle in engine.rpc_handles:
+        watchdog.arm(timeout, f"a heartbeat to {endpoint}")
+        ggml.device_memory(handle)
+    watchdog.disarm()
+
+
 def run(config: ServeConfig, conn) -> None:
-    """Entry point of the engine process."""
+    """Entry point of the engine process: any exception ends it with a "fatal" message that names it."""
     faulthandler.enable()  # a crash inside llama.cpp leaves the Python stack in the server's log
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     out = conn.fileno()
     try:
-        engine = Engine(config)
+        _serve(config, conn, out)
+    except EOFError:
+        log.info("the server closed the engine's pipe; exiting")
     except Exception as exc:
-        send(out, ("fatal", str(exc)))
-        return
+        log.error("engine failed:\n%s", traceback.format_exc())
+        with contextlib.suppress(OSError):
+            send(out, ("fatal", describe_exception(exc)))
+
+
+def _serve(config: ServeConfig, conn, out: int) -> None:
+    watchdog = StepWatchdog(out) if config.rpc else None
+    engine = Engine(config, watchdog)
+    connections = engine.connections
+    if connections is not None and connections.missing:
+        log.warning("no connection found to watch for %s", ", ".join(connections.missing))
     send(out, ("ready", engine.info()))
     idle = True
     waiting = poller(conn)
+    idle_poll = select.poll()
+    idle_poll.register(conn.fileno(), select.POLLIN)
+    if connections is not None:
+        connections.register_in(idle_poll)
+    heartbeat_ms = int(config.worker_probe_interval * 1000)
     while True:
-        messages = [conn.recv()] if idle else []
+        if idle:
+            events = idle_poll.poll(heartbeat_ms if watchdog is not None else None)
+            lost = connections.hung_up(events) if connections is not None else []
+            if not events and watchdog is not None:
+                _heartbeat(engine, watchdog)
+                continue
+        else:
+            lost = connections.hung_up() if connections is not None else []
+        if lost:
+            raise EngineError(f"RPC worker {', '.join(lost)} closed its connection (it exited or restarted)")
+        messages = []
         while waiting():
             messages.append(conn.recv())
         finished_early = []
@@ -357,11 +602,7 @@ def run(config: ServeConfig, conn) -> None:
                 released = True
             elif kind == "stop":
                 return
-        try:
-            results = engine.step()
-        except EngineError as exc:
-            send(out, ("fatal", str(exc)))
-            return
+        results = engine.step()
         idle = not engine.sequences
         if results or finished_early or released:
             send(out, ("step", finished_early + results, (engine.kv_tokens(), len(engine.sequences))))

@@ -189,6 +189,11 @@ def add_rpc_server(endpoint: str) -> list[Device]:
 
     Connects to the server: raises GgmlError when it does not answer or speaks another protocol version.
     """
+    return [describe(handle) for handle in add_rpc_server_handles(endpoint)]
+
+
+def add_rpc_server_handles(endpoint: str) -> list[int]:
+    """As add_rpc_server, returning the devices' handles (for describe() and device_memory())."""
     add_server = _rpc_proc("ggml_backend_rpc_add_server", ctypes.c_void_p, [ctypes.c_char_p])
     reg = add_server(endpoint.encode())
     if not reg:
@@ -198,7 +203,15 @@ def add_rpc_server(endpoint: str) -> list[Device]:
     if count == 0:
         raise GgmlError(f"RPC server {endpoint} offers no device")
     libggml().ggml_backend_register(reg)
-    return [describe(base.ggml_backend_reg_dev_get(reg, i)) for i in range(count)]
+    return [base.ggml_backend_reg_dev_get(reg, i) for i in range(count)]
+
+
+def device_memory(dev: int) -> tuple[int, int]:
+    """(free, total) bytes of a device. For an RPC device this is one round trip to its server over the
+    connection the model uses (RPC_CMD_GET_DEVICE_MEMORY), so it doubles as a heartbeat."""
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    libggml_base().ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return free.value, total.value
 
 
 def local_devices() -> list[int]:

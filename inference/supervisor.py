@@ -30,6 +30,9 @@ log = logging.getLogger("inference.supervisor")
 
 HELLO_TIMEOUT = 3.0
 RECOVERY_INTERVAL = 1.0
+# An engine that fails before it is ready (a shard that does not fit, a bad model, a worker of another
+# build) would fail the same way again: wait twice as long after each such failure, up to this.
+MAX_RESTART_BACKOFF = 60.0
 
 
 class Unavailable(Exception):
@@ -92,6 +95,9 @@ class Supervisor:
         self._tasks: set[asyncio.Task] = set()
         self._recovering = False
         self._closing = False
+        self._fatal: str | None = None  # what the engine said before it exited
+        self._engine_was_ready = False
+        self._failed_starts = 0  # engines in a row that exited before they were ready
         self.ready = asyncio.Event()
         self.kv_tokens = 0  # as the engine last reported; read by the gauges when scraped
         metrics.kv_cache_tokens.set_function(lambda: self.kv_tokens)
@@ -140,6 +146,7 @@ class Supervisor:
         child.close()
         self._process, self._conn = process, parent
         self._reader = engine_module.MessageReader()
+        self._fatal, self._engine_was_ready = None, False
         # A long prompt can outgrow the pipe while the engine is mid-step; a sender thread keeps the event
         # loop from blocking on it and keeps messages in order.
         outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -210,6 +217,7 @@ class Supervisor:
                         request.output.fail("internal error while sending the reply; see the server log")
         elif kind == "ready":
             self.engine_info = message[1]
+            self._engine_was_ready, self._failed_starts = True, 0
             for worker in self.workers.values():
                 worker.connected, worker.up = True, True
                 self.metrics.worker_up.labels(worker.endpoint).set(1)
@@ -217,7 +225,7 @@ class Supervisor:
             log.info("engine ready: %s", self.engine_info)
             self._dispatch()
         elif kind == "fatal":
-            self.detail = message[1]
+            self._fatal = message[1]
             log.error("engine failed: %s", message[1])
 
     def _deliver_token(self, request: Request, token: int, now: float) -> None:
@@ -279,20 +287,28 @@ class Supervisor:
         if self._closing:
             return
         self.metrics.engine_restarts.inc()
-        self._set_state("degraded", f"engine exited with code {code}")
+        cause = self._fatal or f"the engine process exited with code {code}"
+        if not self._engine_was_ready:
+            self._failed_starts += 1
+        self._set_state("degraded", cause)
         for worker in self.workers.values():
             worker.connected = False
-        self._background(self._after_loss(code))
+        self._background(self._after_loss(cause))
 
-    async def _after_loss(self, code: int | None) -> None:
+    async def _after_loss(self, cause: str) -> None:
         await self._probe_all()
         lost = self._down()
         if lost:
-            reason = "lost RPC worker " + ", ".join(lost) + "; the engine restarts once it answers again"
-        else:
-            reason = f"the engine process exited with code {code}" + (
-                f" ({self.detail})" if self.detail else ""
+            details = ", ".join(
+                f"{w.endpoint} ({w.detail})" if w.detail else w.endpoint
+                for w in self.workers.values()
+                if not w.up
             )
+            reason = f"lost RPC worker {details}; the engine restarts once it answers again ({cause})"
+        elif self._failed_starts:
+            reason = f"the engine failed to start: {cause}"
+        else:
+            reason = f"the engine stopped: {cause}"
         log.error("engine down: %s", reason)
         self._enter_degraded(reason)
 
@@ -310,17 +326,38 @@ class Supervisor:
             self._recovering = True
             self._background(self._recover())
 
+    def restart_delay(self) -> float:
+        """Seconds before the next engine start: RECOVERY_INTERVAL, doubled for each engine in a row that
+        failed before it was ready, up to MAX_RESTART_BACKOFF."""
+        if not self._failed_starts:
+            return RECOVERY_INTERVAL
+        return min(MAX_RESTART_BACKOFF, RECOVERY_INTERVAL * 2 ** (self._failed_starts - 1))
+
     async def _recover(self) -> None:
         try:
+            failure = self.detail
+            delay = self.restart_delay()
+            if self._failed_starts:
+                self.detail = f"{failure}; retrying in {delay:g} s"
+                log.error("%s", self.detail)
             while not self._closing:
-                await asyncio.sleep(RECOVERY_INTERVAL)
+                await asyncio.sleep(delay)
+                delay = RECOVERY_INTERVAL
                 await self._probe_all()
                 down = self._down()
                 if down:
-                    self.detail = "waiting for RPC workers: " + ", ".join(down)
+                    self.detail = "waiting for RPC workers: " + ", ".join(
+                        f"{w.endpoint} ({w.detail})" if w.detail else w.endpoint
+                        for w in self.workers.values()
+                        if not w.up
+                    )
+                    if self._failed_starts:
+                        self.detail += f"; the last engine failed: {failure}"
                     continue
                 log.info("all RPC workers answer; starting a new engine")
                 self._spawn()
+                if self._failed_starts:
+                    self.detail = f"loading the model; the last engine failed: {failure}"
                 return
         finally:
             self._recovering = False
@@ -335,6 +372,12 @@ class Supervisor:
         host, port = split_endpoint(worker.endpoint)
         try:
             version = await asyncio.to_thread(rpc_hello, host, port, HELLO_TIMEOUT)
+        except TimeoutError:
+            worker.up = False
+            worker.detail = (
+                f"no answer to the RPC hello within {HELLO_TIMEOUT:g} s: the worker hangs, serves another "
+                "client, or cannot be reached"
+            )
         except OSError as exc:
             worker.up, worker.detail = False, exc.strerror or str(exc)
         else:

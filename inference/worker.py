@@ -7,6 +7,7 @@ other connections wait in the listen backlog.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -32,11 +33,41 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def is_loopback(host: str) -> bool:
+def ipv4_address(host: str) -> ipaddress.IPv4Address | None:
+    """``host`` as an IPv4 address that ggml's RPC server can bind, else None.
+
+    The server (ggml-rpc's ``create_server``) opens an AF_INET socket on ``inet_addr(host)``: an IPv4
+    address in digits. A name such as localhost, an IPv6 address, or 255.255.255.255 (``inet_addr``'s
+    error value) ends the worker with "Invalid host address"; an IPv6 endpoint does not even parse.
+    """
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.IPv4Address(host)
     except ValueError:
-        return host == "localhost"
+        return None
+    return None if address == ipaddress.IPv4Address("255.255.255.255") else address
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why ggml's server could not bind ``host:port`` (it binds with SO_REUSEADDR), in words; None if it can."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return (
+                    f"--host {host} is not an address of this machine; give one of its IPv4 addresses "
+                    "(ip -4 addr lists them), or 127.0.0.1"
+                )
+            if exc.errno == errno.EADDRINUSE:
+                return (
+                    f"--port {port} on {host} is taken by another process (another worker?); stop it or "
+                    "give another --port"
+                )
+            if exc.errno == errno.EACCES:
+                return f"--port {port} needs root to bind; give a port above 1023 such as {DEFAULT_PORT}"
+            return f"--host {host} --port {port} cannot be bound: {exc.strerror or exc}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -52,11 +83,21 @@ class WorkerConfig:
             raise ConfigError(f"--port {self.port} is not a TCP port; use 1-65535")
         if self.threads < 0:
             raise ConfigError(f"--threads {self.threads} is negative; use 0 for every usable core or a count")
-        if not is_loopback(self.host) and not self.allow_remote:
+        address = ipv4_address(self.host)
+        if address is None:
+            raise ConfigError(
+                f"--host {self.host!r} is not an IPv4 address in digits, and ggml's RPC server binds only "
+                "those (no host names, no IPv6): give 127.0.0.1 for this machine alone, or its cluster "
+                "address (e.g. 10.0.0.11) with --allow-remote"
+            )
+        if not address.is_loopback and not self.allow_remote:
             raise ConfigError(
                 f"--host {self.host} is not a loopback address and the RPC protocol has no authentication; "
                 "bind to the cluster interface only behind a firewall and pass --allow-remote"
             )
+        problem = bind_problem(self.host, self.port)
+        if problem:
+            raise ConfigError(problem)
         threads = self.threads or usable_cpus()
         cache_dir = self.cache_dir
         if cache_dir:
@@ -94,8 +135,61 @@ def rpc_hello(host: str, port: int, timeout: float = 5.0) -> tuple[int, int, int
     return major, minor, patch
 
 
+# How the worker notices a head that vanished without closing its connection (power loss, a dropped link):
+# TCP keepalive probes after 10 s of silence, every 5 s, 3 unanswered end it; data unacknowledged for 30 s
+# ends it too. The RPC server serves one client at a time, so until then it could accept no other head.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+USER_TIMEOUT_MS = 30_000
+
+
+def listening_sockets(port: int) -> list[socket.socket]:
+    """This process's listening TCP sockets on ``port`` (duplicates of their descriptors; close them)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            listening = (
+                sock.family in (socket.AF_INET, socket.AF_INET6)
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                and sock.getsockname()[1] == port
+            )
+        except OSError:
+            listening = False
+        if listening:
+            found.append(sock)
+        else:
+            sock.close()
+    return found
+
+
+def keep_connections_alive(sock: socket.socket) -> None:
+    """Set keepalive and a user timeout on a listening socket; Linux copies them to every accepted one."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
 def _announce_version(config: WorkerConfig) -> None:
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    for _ in range(100):
+        # ggml's server socket exists from here on; set its options before the first client is accepted.
+        sockets = listening_sockets(config.port)
+        if not sockets:
+            time.sleep(0.1)
+            continue
+        for sock in sockets:
+            with sock:
+                keep_connections_alive(sock)
+        break
+    else:
+        log.warning("found no listening socket on port %d to enable TCP keepalive on", config.port)
     for _ in range(100):
         try:
             version = rpc_hello(host, config.port, timeout=2.0)
