@@ -10,8 +10,11 @@ from tests.cluster.hoststate import SUPERVISE_COMMAND
 from tests.cluster.system import HarnessError, ensure_packages, harness_lock, require_root
 
 
-def _up(_args: argparse.Namespace) -> int:
-    cluster.up()
+def _up(args: argparse.Namespace) -> int:
+    if args.fresh:
+        cluster.recreate()
+    else:
+        cluster.up()
     return 0
 
 
@@ -79,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     hosts = [host.name for host in config.HOSTS]
-    sub.add_parser("up", help="build what is missing and bring the five hosts up").set_defaults(func=_up)
+    up = sub.add_parser("up", help="build what is missing and bring the five hosts up")
+    up.add_argument(
+        "--fresh",
+        action="store_true",
+        help="replace hosts that are already up (their disks and settings) with factory-new ones",
+    )
+    up.set_defaults(func=_up)
     sub.add_parser("down", help="stop the hosts and discard their disks").set_defaults(func=_down)
     sub.add_parser("status", help="say which hosts are up (exit 3 unless all are)").set_defaults(func=_status)
     reboot = sub.add_parser("reboot", help="reboot one host, keeping its disk, and wait for SSH")

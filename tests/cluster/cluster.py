@@ -100,6 +100,12 @@ def up() -> UpResult:
         return UpResult(to_start, built, network_restored)
 
 
+def recreate() -> UpResult:
+    """Factory-new hosts whatever ran before (a demo leaves them tuned and serving): down, then up."""
+    down()
+    return up()
+
+
 def _is_up(host: Host) -> bool:
     files = HostFiles(host)
     if files.supervisor() is None:
