@@ -1,6 +1,8 @@
 """OpenAI request bodies: validation into typed requests, and the response and chunk shapes.
 
-Every error names the offending field, so a client can fix its request without reading server logs.
+Every error names the offending field, so a client can fix its request without reading server logs. Every
+field a request may carry is in REQUEST_FIELDS, with what the server does with it; anything else is refused,
+so that no field is dropped without the client knowing. README's table of request fields is made from it.
 """
 
 from __future__ import annotations
@@ -8,12 +10,170 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inference.engine import SamplingParams
 
 MAX_STOP_STRINGS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Signed 64 bits, as OpenAI's API takes them.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# llama.cpp's LLAMA_DEFAULT_SEED: a sampler given it draws a random seed.
+LLAMA_RANDOM_SEED = 0xFFFFFFFF
+# Set by the server, or a way around a refused field.
+RESERVED_TEMPLATE_VARIABLES = (
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "bos_token",
+    "eos_token",
+    "tools",
+    "documents",
+)
+
+HONOURED, REFUSED, IGNORED = "honoured", "refused", "ignored"
+COMPLETIONS, CHAT, BOTH = ("completion",), ("chat",), ("completion", "chat")
+ENDPOINT_PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """What the server does with one request field.
+
+    A refused field is refused only when its value asks for something: null and the ``inert`` values (such as
+    ``n: 1``) are accepted, so that clients sending defaults are not turned away. For a refused field ``note``
+    is the error message (what to do instead); for an ignored one, why ignoring it loses nothing.
+    """
+
+    status: str
+    endpoints: tuple[str, ...]
+    note: str
+    inert: tuple = ()
+
+
+_NO_TOOLS = "tool calling is not supported by this server; describe tools in a message and parse the reply"
+REQUEST_FIELDS: dict[str, Field] = {
+    # Both endpoints.
+    "model": Field(
+        HONOURED, BOTH, "The served model's id (`--alias`, default the file name); another is a 404."
+    ),
+    "stream": Field(HONOURED, BOTH, "Server-sent events, ending with `data: [DONE]`."),
+    "stream_options": Field(HONOURED, BOTH, "Only with `stream: true`."),
+    "stream_options.include_usage": Field(HONOURED, BOTH, "A last chunk with `usage` and no choices."),
+    "stream_options.include_obfuscation": Field(
+        IGNORED, BOTH, "Chunks carry no obfuscation padding; it only hides token lengths from onlookers."
+    ),
+    "max_tokens": Field(
+        HONOURED,
+        BOTH,
+        "Default 16 for completions, the rest of the sequence's context for chat; more than fits is a 400.",
+    ),
+    "temperature": Field(HONOURED, BOTH, "0 to 2, default 1; 0 is greedy."),
+    "top_p": Field(HONOURED, BOTH, "0 to 1, default 1."),
+    "top_k": Field(HONOURED, BOTH, "llama.cpp extension; default 0, off."),
+    "min_p": Field(HONOURED, BOTH, "llama.cpp extension; 0 to 1, default 0, off."),
+    "seed": Field(HONOURED, BOTH, "A signed 64-bit integer; see Seeds above."),
+    "stop": Field(HONOURED, BOTH, f"A string or up to {MAX_STOP_STRINGS} strings; cut from the text."),
+    "presence_penalty": Field(HONOURED, BOTH, "-2 to 2, over the last 64 tokens."),
+    "frequency_penalty": Field(HONOURED, BOTH, "-2 to 2, over the last 64 tokens."),
+    "ignore_eos": Field(
+        HONOURED,
+        BOTH,
+        "llama.cpp extension; true generates past end-of-generation tokens up to `max_tokens`.",
+    ),
+    "n": Field(REFUSED, BOTH, "one choice per request is supported; send n requests", inert=(1,)),
+    "logprobs": Field(
+        REFUSED, BOTH, "log probabilities are not supported by this server; leave logprobs out", (False, 0)
+    ),
+    "logit_bias": Field(REFUSED, BOTH, "token biases are not supported by this server; leave it out", ({},)),
+    "user": Field(IGNORED, BOTH, "An end-user id for the provider's abuse tracking; there is none here."),
+    "safety_identifier": Field(IGNORED, BOTH, "Like `user`."),
+    "metadata": Field(IGNORED, CHAT, "Tags of stored completions; none are stored (see `store`)."),
+    "prompt_cache_key": Field(IGNORED, CHAT, "Routes to a provider's prompt cache; one head has no routing."),
+    "store": Field(
+        REFUSED, CHAT, "this server keeps no completions; leave store out or send false", inert=(False,)
+    ),
+    "service_tier": Field(
+        REFUSED, CHAT, "this server has one service tier; leave service_tier out", inert=("auto", "default")
+    ),
+    # /v1/completions only.
+    "prompt": Field(HONOURED, COMPLETIONS, "A string, or a list of token ids; one prompt per request."),
+    "echo": Field(REFUSED, COMPLETIONS, "echo is not supported; prepend the prompt yourself", inert=(False,)),
+    "suffix": Field(
+        REFUSED, COMPLETIONS, "fill-in-the-middle is not supported; send the text before the gap", ("",)
+    ),
+    "best_of": Field(
+        REFUSED, COMPLETIONS, "server-side best-of is not supported; send requests with different seeds", (1,)
+    ),
+    # /v1/chat/completions only.
+    "messages": Field(HONOURED, CHAT, "Normalised, then rendered by the GGUF's chat template; see above."),
+    "messages[].role": Field(HONOURED, CHAT, "system, developer (as system), user, assistant, tool."),
+    "messages[].content": Field(
+        HONOURED, CHAT, "A string or a list of text parts; null only in an assistant message."
+    ),
+    "messages[].content[].type": Field(HONOURED, CHAT, "`text` only; images, audio and files are a 400."),
+    "messages[].content[].text": Field(HONOURED, CHAT, "Parts are joined without a separator."),
+    "messages[].name": Field(HONOURED, CHAT, "Given to the chat template (Qwen3's does not print it)."),
+    "messages[].tool_call_id": Field(HONOURED, CHAT, "Given to the chat template with the message."),
+    "messages[].tool_calls": Field(REFUSED, CHAT, _NO_TOOLS, inert=([],)),
+    "messages[].function_call": Field(REFUSED, CHAT, _NO_TOOLS),
+    "messages[].refusal": Field(REFUSED, CHAT, "a refusal cannot be replayed; put its text in content"),
+    "messages[].audio": Field(REFUSED, CHAT, "audio is not supported by this server; send text"),
+    "max_completion_tokens": Field(
+        HONOURED, CHAT, "Same as `max_tokens`, which may then be left out or be equal."
+    ),
+    "chat_template_kwargs": Field(
+        HONOURED,
+        CHAT,
+        'Variables for the chat template, such as `{"enable_thinking": false}` for Qwen3; not '
+        + ", ".join(RESERVED_TEMPLATE_VARIABLES)
+        + ".",
+    ),
+    "top_logprobs": Field(
+        REFUSED, CHAT, "log probabilities are not supported by this server; leave top_logprobs out", (0,)
+    ),
+    "tools": Field(REFUSED, CHAT, _NO_TOOLS, inert=([],)),
+    "tool_choice": Field(REFUSED, CHAT, _NO_TOOLS, inert=("none", "auto")),
+    "parallel_tool_calls": Field(IGNORED, CHAT, "Qualifies `tools`, which are refused."),
+    "functions": Field(REFUSED, CHAT, _NO_TOOLS, inert=([],)),
+    "function_call": Field(REFUSED, CHAT, _NO_TOOLS, inert=("none", "auto")),
+    "response_format": Field(
+        REFUSED,
+        CHAT,
+        "structured output is not supported by this server; ask for JSON in a message and check the reply",
+        inert=({"type": "text"},),
+    ),
+    "prediction": Field(REFUSED, CHAT, "predicted outputs are not supported by this server; leave it out"),
+    "audio": Field(REFUSED, CHAT, "audio output is not supported by this server; leave it out"),
+    "modalities": Field(REFUSED, CHAT, "this server answers in text only", inert=(["text"],)),
+    "reasoning_effort": Field(
+        REFUSED,
+        CHAT,
+        'not supported; to turn Qwen3\'s thinking off send chat_template_kwargs {"enable_thinking": false}',
+    ),
+    "verbosity": Field(REFUSED, CHAT, "not supported by this server; leave it out", inert=("medium",)),
+    "web_search_options": Field(REFUSED, CHAT, "web search is not available on this server"),
+}
+
+
+def _same(a, b) -> bool:
+    """Equal and of one type, so that ``true`` is not ``1`` and ``0`` is not ``false``."""
+    return type(a) is type(b) and a == b
+
+
+def fields_table() -> str:
+    """README's table of request fields, in Markdown."""
+    lines = ["| Field | Endpoints | Status | Notes |", "|---|---|---|---|"]
+    for name, spec in REQUEST_FIELDS.items():
+        where = "both" if spec.endpoints == BOTH else ENDPOINT_PATHS[spec.endpoints[0]].removeprefix("/v1/")
+        status = spec.status
+        if spec.status == REFUSED:
+            status = "refused" + (
+                " unless " + " or ".join(f"`{json.dumps(v)}`" for v in spec.inert) if spec.inert else ""
+            )
+        note = spec.note if spec.status != REFUSED else spec.note[0].upper() + spec.note[1:] + "."
+        lines.append(f"| `{name}` | {where} | {status} | {note} |")
+    return "\n".join(lines) + "\n"
 
 
 class ApiError(Exception):
@@ -36,6 +196,57 @@ class ApiError(Exception):
 
 def invalid(param: str, message: str, code: str | None = None) -> ApiError:
     return ApiError(400, f"{param}: {message}", param=param, code=code)
+
+
+def _printable(name: str) -> str:
+    """A field name fit for an error message, even one that is not valid text."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_text(body) -> None:
+    """Refuses a string anywhere in the body that cannot be encoded as UTF-8: JSON's escapes can spell half of
+    a surrogate pair (``"\\ud83d"``), which Python keeps as a lone surrogate that no tokenizer takes."""
+    pending = [(body, "")]
+    while pending:  # not recursive: any depth the JSON parser took is fine
+        value, path = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise invalid(
+                    _printable(path),
+                    f"not valid Unicode text: a lone surrogate {value[exc.start]!a} at character {exc.start} "
+                    "(half of a character escaped as a \\ud800-\\udfff pair); send whole characters",
+                ) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                pending.extend(((item, where), (key, where)))
+        elif isinstance(value, list):
+            containers = (item for item in enumerate(value) if isinstance(item[1], str | dict | list))
+            pending.extend((item, f"{path}[{i}]") for i, item in containers)
+
+
+def _check_fields(obj: dict, kind: str, table_prefix: str = "", param_prefix: str = "") -> None:
+    """Refuses a field that is not in REQUEST_FIELDS, one of the other endpoint, and a refused field whose
+    value asks for something."""
+    for key, value in obj.items():
+        param = param_prefix + key
+        spec = REQUEST_FIELDS.get(table_prefix + key)
+        if spec is None:
+            raise invalid(
+                param,
+                "unknown field; this server does not take it, so remove it "
+                "(the fields it takes are listed in the README of llmfleet's inference service)",
+                code="unknown_field",
+            )
+        if kind not in spec.endpoints:
+            other = ENDPOINT_PATHS[spec.endpoints[0]]
+            raise invalid(
+                param, f"a field of {other}, not of {ENDPOINT_PATHS[kind]}; remove it", code="unknown_field"
+            )
+        if spec.status == REFUSED and value is not None and not any(_same(value, v) for v in spec.inert):
+            raise invalid(param, spec.note, code="unsupported_field")
 
 
 def _is_int(value) -> bool:
@@ -78,6 +289,22 @@ def _boolean(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
+def sampler_seed(seed: int) -> int:
+    """The 32-bit seed llama.cpp's sampler gets for an API seed (a signed 64-bit integer).
+
+    Every bit of the seed counts (splitmix64's finaliser, folded to 32 bits), so seeds that share their low 32
+    bits do not behave alike; and the result is never LLAMA_RANDOM_SEED, which would make the sampler draw a
+    random seed instead of repeating itself.
+    """
+    mask = 0xFFFFFFFFFFFFFFFF
+    z = (seed + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    folded = (z ^ (z >> 32)) & 0xFFFFFFFF
+    return folded if folded != LLAMA_RANDOM_SEED else 0
+
+
 @dataclass
 class GenerationRequest:
     kind: str  # "completion" | "chat"
@@ -91,9 +318,32 @@ class GenerationRequest:
     include_usage: bool
     id: str
     created: int
+    max_tokens_field: str = "max_tokens"  # as the client sent it, for errors
+    template_kwargs: dict = field(default_factory=dict)
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, **self.sampling)
+
+
+def _request_body(body, kind: str) -> dict:
+    if not isinstance(body, dict):
+        raise invalid("body", "expected a JSON object")
+    _check_text(body)
+    _check_fields(body, kind)
+    return body
+
+
+def _max_tokens(body: dict, kind: str) -> tuple[int | None, str]:
+    max_tokens = _integer(body, "max_tokens", 1)
+    if kind != "chat" or body.get("max_completion_tokens") is None:
+        return max_tokens, "max_tokens"
+    newer = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is not None and max_tokens != newer:
+        raise invalid(
+            "max_completion_tokens",
+            f"{newer} disagrees with max_tokens {max_tokens}; send only max_completion_tokens",
+        )
+    return newer, "max_completion_tokens"
 
 
 def _common(body: dict, kind: str, model_alias: str, default_max_tokens: int | None) -> dict:
@@ -107,13 +357,7 @@ def _common(body: dict, kind: str, model_alias: str, default_max_tokens: int | N
             param="model",
             code="model_not_found",
         )
-    n = _integer(body, "n", 1)
-    if n not in (None, 1):
-        raise invalid("n", "only n=1 is supported; send one request per completion")
-    if kind == "chat" and body.get("max_completion_tokens") is not None:
-        max_tokens = _integer(body, "max_completion_tokens", 1)
-    else:
-        max_tokens = _integer(body, "max_tokens", 1)
+    max_tokens, max_tokens_field = _max_tokens(body, kind)
     if max_tokens is None:
         max_tokens = default_max_tokens
     stop = body.get("stop")
@@ -134,28 +378,27 @@ def _common(body: dict, kind: str, model_alias: str, default_max_tokens: int | N
     if stream_options is not None:
         if not isinstance(stream_options, dict):
             raise invalid("stream_options", 'expected an object such as {"include_usage": true}')
+        _check_fields(stream_options, kind, "stream_options.", "stream_options.")
         include_usage = _boolean(stream_options, "include_usage")
         if not stream:
             raise invalid("stream_options", "only allowed when stream is true")
-    if body.get("logprobs") not in (None, False, 0):
-        raise invalid("logprobs", "log probabilities are not supported by this server")
-    if kind == "completion" and _boolean(body, "echo"):
-        raise invalid("echo", "echo is not supported by this server")
-    seed = _integer(body, "seed", -(2**63), 2**64 - 1)
+    seed = _integer(body, "seed", SEED_MIN, SEED_MAX)
     sampling = {
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
         "top_k": _integer(body, "top_k", 0, 1_000_000) or 0,
         "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
-        "seed": seed,
+        "seed": None if seed is None else sampler_seed(seed),
         "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
         "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "ignore_eos": _boolean(body, "ignore_eos"),
     }
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     return {
         "kind": kind,
         "model": model_alias,
         "max_tokens": max_tokens,
+        "max_tokens_field": max_tokens_field,
         "sampling": sampling,
         "stop": stops,
         "stream": stream,
@@ -166,8 +409,7 @@ def _common(body: dict, kind: str, model_alias: str, default_max_tokens: int | N
 
 
 def parse_completion(body, model_alias: str, n_vocab: int) -> GenerationRequest:
-    if not isinstance(body, dict):
-        raise invalid("body", "expected a JSON object")
+    body = _request_body(body, "completion")
     if "prompt" not in body:
         raise invalid("prompt", "required; give the text to complete")
     prompt = body["prompt"]
@@ -189,8 +431,6 @@ def parse_completion(body, model_alias: str, n_vocab: int) -> GenerationRequest:
 
 
 def _message_text(content, index: int) -> str:
-    if content is None:
-        return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -199,6 +439,7 @@ def _message_text(content, index: int) -> str:
             where = f"messages[{index}].content[{j}]"
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise invalid(where, 'only text parts ({"type": "text", "text": ...}) are supported')
+            _check_fields(part, "chat", "messages[].content[].", where + ".")
             if not isinstance(part.get("text"), str):
                 raise invalid(where + ".text", "expected a string")
             parts.append(part["text"])
@@ -206,22 +447,74 @@ def _message_text(content, index: int) -> str:
     raise invalid(f"messages[{index}].content", "expected a string or a list of text parts")
 
 
+def _message(message, i: int) -> dict:
+    if not isinstance(message, dict):
+        raise invalid(f"messages[{i}]", "expected an object with role and content")
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise invalid(f"messages[{i}].role", f"{role!r} is not one of {', '.join(CHAT_ROLES)}")
+    _check_fields(message, "chat", "messages[].", f"messages[{i}].")
+    content = message.get("content")
+    if content is None and role != "assistant":
+        raise invalid(f"messages[{i}].content", f'required in a {role} message; send "" for an empty one')
+    clean = {"role": role, "content": "" if content is None else _message_text(content, i)}
+    for key in ("name", "tool_call_id"):
+        value = message.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise invalid(f"messages[{i}].{key}", f"expected a string, got {type(value).__name__}")
+            clean[key] = value
+    return clean
+
+
+def normalise_messages(messages: list[dict]) -> list[dict]:
+    """The one rewrite of a chat before its template: ``developer`` (OpenAI's newer name) becomes ``system``,
+    and adjacent system messages become one, since many templates take a single system message first and
+    drop or refuse another. A trailing assistant message stays: the template renders it to be continued."""
+    out: list[dict] = []
+    for message in messages:
+        if message["role"] == "developer":
+            message = {**message, "role": "system"}
+        previous = out[-1] if out else None
+        if (
+            previous is not None
+            and message["role"] == previous["role"] == "system"
+            and "name" not in message
+            and "name" not in previous
+        ):
+            out[-1] = {**previous, "content": previous["content"] + "\n\n" + message["content"]}
+        else:
+            out.append(message)
+    return out
+
+
+def _template_kwargs(body: dict) -> dict:
+    value = body.get("chat_template_kwargs")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid("chat_template_kwargs", 'expected an object such as {"enable_thinking": false}')
+    for key in value:
+        where = f"chat_template_kwargs.{key}"
+        if key in RESERVED_TEMPLATE_VARIABLES:
+            hint = _NO_TOOLS if key in ("tools", "documents") else "the server sets it from the request"
+            raise invalid(where, f"may not be set: {hint}")
+        if not key.isidentifier():
+            raise invalid(where, "not a template variable name; use letters, digits and _")
+    return dict(value)
+
+
 def parse_chat(body, model_alias: str) -> tuple[GenerationRequest, list[dict]]:
-    if not isinstance(body, dict):
-        raise invalid("body", "expected a JSON object")
+    """The request and its messages, normalised (see normalise_messages) for the chat template."""
+    body = _request_body(body, "chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", 'required; give a non-empty list of {"role", "content"} objects')
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise invalid(f"messages[{i}]", "expected an object with role and content")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise invalid(f"messages[{i}].role", f"{role!r} is not one of {', '.join(CHAT_ROLES)}")
-        clean.append({"role": role, "content": _message_text(message.get("content"), i)})
+    clean = normalise_messages([_message(message, i) for i, message in enumerate(messages)])
+    template_kwargs = _template_kwargs(body)
     fields = _common(body, "chat", model_alias, default_max_tokens=None)
-    return GenerationRequest(prompt_text=None, prompt_tokens=None, **fields), clean
+    req = GenerationRequest(prompt_text=None, prompt_tokens=None, template_kwargs=template_kwargs, **fields)
+    return req, clean
 
 
 def completion_body(req: GenerationRequest, text: str, finish: str, prompt_n: int, completion_n: int) -> dict:

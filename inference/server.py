@@ -97,6 +97,8 @@ async def _read_json(request: web.Request):
         ) from exc
     except UnicodeDecodeError as exc:
         raise api.invalid("body", "the body is not UTF-8 text") from exc
+    except RecursionError as exc:
+        raise api.invalid("body", "the JSON is nested too deeply; send a flatter body") from exc
 
 
 async def models(request: web.Request) -> web.Response:
@@ -152,7 +154,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _read_json(request)
     req, messages = api.parse_chat(body, request.app[CONFIG].model_alias)
     try:
-        text = tokenizer.render_chat(messages)
+        text = tokenizer.render_chat(messages, **req.template_kwargs)
     except TemplateError as exc:
         raise api.invalid("messages", str(exc)) from exc
     tokens = tokenizer.tokenize(text, add_special=False)
@@ -173,9 +175,8 @@ async def _generate(request: web.Request, req: GenerationRequest, tokens: list[i
         )
     room = limit - len(tokens)
     if req.max_tokens is not None and req.max_tokens > room:
-        name = "max_tokens"
         raise api.invalid(
-            name,
+            req.max_tokens_field,
             f"{req.max_tokens} tokens plus the {len(tokens)}-token prompt exceed the {limit}-token context "
             f"per sequence; ask for at most {room}",
             code="context_length_exceeded",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import datetime
+import uuid
 from collections.abc import Iterable
 
 import jinja2
@@ -44,7 +45,14 @@ class Tokenizer:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        # A vocabulary-only load leaves llama.cpp's hyper-parameters unread (n_ctx_train 0): read the GGUF's.
+        arch = self.metadata("general.architecture")
+        declared = self.metadata(f"{arch}.context_length") if arch else None
+        self.n_ctx_train = (
+            int(declared)
+            if declared and declared.isdigit()
+            else llama_cpp.llama_model_n_ctx_train(self.model)
+        )
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
         self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))
@@ -98,14 +106,32 @@ class Tokenizer:
     def is_eog(self, token: int) -> bool:
         return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
 
-    def render_chat(self, messages: list[dict], **extra) -> str:
+    def render_chat(self, messages: list[dict], **template_kwargs) -> str:
+        """The prompt of a chat. One that ends with an assistant message is continued (a prefill, as
+        ``continue_final_message`` in transformers): the prompt ends inside that message, with no end of turn
+        and no new assistant turn, so the model carries on writing it."""
+        if messages[-1]["role"] != "assistant":
+            return self._render(messages, add_generation_prompt=True, **template_kwargs)
+        # Rendered whole, then cut where its text ends: only the template knows what closes a turn.
+        mark = f"<continue-{uuid.uuid4().hex}>"
+        final = {**messages[-1], "content": messages[-1]["content"] + mark}
+        text = self._render([*messages[:-1], final], add_generation_prompt=False, **template_kwargs)
+        cut = text.rfind(mark)
+        if cut < 0:
+            raise TemplateError(
+                "the model's chat template leaves out the final assistant message, so it cannot be continued; "
+                "end the messages with a user message"
+            )
+        return text[:cut]
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, **template_kwargs) -> str:
         try:
             return self.chat_template.render(
+                **template_kwargs,
                 messages=messages,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_text,
                 eos_token=self.eos_text,
-                **extra,
             )
         except TemplateError:
             raise
