@@ -27,6 +27,8 @@ from inference.tokenizer import TemplateError, TextStream, Tokenizer
 log = logging.getLogger("inference.server")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+CORS_DEFAULT_HEADERS = "Authorization, Content-Type"
+CORS_MAX_AGE = 600
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 METRICS = web.AppKey("metrics", Metrics)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
@@ -42,7 +44,10 @@ async def errors_and_metrics(request: web.Request, handler):
     metrics = request.app[METRICS]
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
     try:
-        response = await handler(request)
+        if _is_preflight(request):
+            response = _preflight(request)
+        else:
+            response = await handler(request)
     except ApiError as exc:
         response = _json(exc.status, exc.body(), exc.headers)
     except web.HTTPException as exc:
@@ -50,10 +55,14 @@ async def errors_and_metrics(request: web.Request, handler):
         message = {404: "no such endpoint", 405: "method not allowed for this endpoint"}.get(
             exc.status, exc.reason
         )
+        headers = {}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            headers["Allow"] = ", ".join(_allowed_methods(request, exc))
+            message += f"; it takes {headers['Allow']}"
         if exc.status == 413:
             message = f"request body is larger than {MAX_BODY_BYTES} bytes"
         response = _json(
-            exc.status, {"error": {"message": message, "type": kind, "param": None, "code": None}}
+            exc.status, {"error": {"message": message, "type": kind, "param": None, "code": None}}, headers
         )
     except (asyncio.CancelledError, ConnectionResetError):
         raise
@@ -72,6 +81,65 @@ async def errors_and_metrics(request: web.Request, handler):
         )
     metrics.requests.labels(endpoint, str(response.status)).inc()
     return response
+
+
+def _allowed_methods(request: web.Request, exc: web.HTTPMethodNotAllowed) -> list[str]:
+    methods = set(exc.allowed_methods)
+    if request.app[CONFIG].cors_origins:
+        methods.add("OPTIONS")
+    return sorted(methods)
+
+
+def _cors_origin(request: web.Request) -> str | None:
+    """The Access-Control-Allow-Origin value for this request's origin, or None if it is not let in."""
+    allowed, origin = request.app[CONFIG].cors_origins, request.headers.get("Origin")
+    if not allowed or not origin:
+        return None
+    if "*" in allowed:
+        return "*"
+    return origin if origin.lower().rstrip("/") in allowed else None
+
+
+def _is_preflight(request: web.Request) -> bool:
+    return (
+        request.method == "OPTIONS"
+        and bool(request.app[CONFIG].cors_origins)
+        and "Origin" in request.headers
+        and "Access-Control-Request-Method" in request.headers
+    )
+
+
+def _preflight(request: web.Request) -> web.Response:
+    """A browser's CORS preflight: which methods and headers a page of an allowed origin may use."""
+    exc = request.match_info.http_exception
+    if not isinstance(exc, web.HTTPMethodNotAllowed):
+        raise exc if exc is not None else web.HTTPNotFound()
+    if _cors_origin(request) is None:
+        raise ApiError(
+            403,
+            f"origin {request.headers['Origin']!r} may not call this server from a browser; "
+            "the server's --cors-origin lists the origins that may",
+            code="origin_not_allowed",
+        )
+    headers = {
+        "Access-Control-Allow-Methods": ", ".join(_allowed_methods(request, exc)),
+        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers")
+        or CORS_DEFAULT_HEADERS,
+        "Access-Control-Max-Age": str(CORS_MAX_AGE),
+    }
+    return web.Response(status=204, headers=headers)
+
+
+async def _add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer to an allowed origin, streams and errors included, so that a page can read it."""
+    if not request.app[CONFIG].cors_origins:
+        return
+    origin = _cors_origin(request)
+    if origin != "*":
+        response.headers.add("Vary", "Origin")
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
 
 
 def _check_key(request: web.Request) -> None:
@@ -101,32 +169,41 @@ async def _read_json(request: web.Request):
         raise api.invalid("body", "the JSON is nested too deeply; send a flatter body") from exc
 
 
+def _model_object(app: web.Application) -> dict:
+    config, tokenizer = app[CONFIG], app[TOKENIZER]
+    return {
+        "id": config.model_alias,
+        "object": "model",
+        "created": int(app["started"]),
+        "owned_by": "llmfleet",
+        "meta": {
+            "n_ctx": config.ctx,
+            "n_ctx_per_sequence": config.ctx_per_sequence,
+            "n_ctx_train": tokenizer.n_ctx_train,
+            "n_vocab": tokenizer.n_vocab,
+            "parallel": config.parallel,
+            "split": config.split,
+            "rpc_workers": list(config.rpc),
+        },
+    }
+
+
 async def models(request: web.Request) -> web.Response:
     _check_key(request)
-    config, tokenizer = request.app[CONFIG], request.app[TOKENIZER]
-    return _json(
-        200,
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": config.model_alias,
-                    "object": "model",
-                    "created": int(request.app["started"]),
-                    "owned_by": "llmfleet",
-                    "meta": {
-                        "n_ctx": config.ctx,
-                        "n_ctx_per_sequence": config.ctx_per_sequence,
-                        "n_ctx_train": tokenizer.n_ctx_train,
-                        "n_vocab": tokenizer.n_vocab,
-                        "parallel": config.parallel,
-                        "split": config.split,
-                        "rpc_workers": list(config.rpc),
-                    },
-                }
-            ],
-        },
-    )
+    return _json(200, {"object": "list", "data": [_model_object(request.app)]})
+
+
+async def model(request: web.Request) -> web.Response:
+    _check_key(request)
+    alias, asked = request.app[CONFIG].model_alias, request.match_info["model"]
+    if asked != alias:
+        raise ApiError(
+            404,
+            f"model: the model '{asked}' does not exist; this server serves '{alias}'",
+            param="model",
+            code="model_not_found",
+        )
+    return _json(200, _model_object(request.app))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -369,7 +446,10 @@ def build_app(config: ServeConfig, registry: CollectorRegistry | None = None) ->
     app[TOKENIZER] = Tokenizer(config.model)
     app[SUPERVISOR] = Supervisor(config, metrics)
     app["started"] = time.time()
+    app.on_response_prepare.append(_add_cors_headers)
     app.router.add_get("/v1/models", models)
+    # A model id may hold slashes (--alias Qwen/Qwen3-30B-A3B).
+    app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/health", health)

@@ -94,8 +94,22 @@ def test_the_server_survives_bad_input(server):
 def test_unknown_endpoint_and_method_answer_in_openai_form(server):
     code, _, reply = http("GET", server.url + "/v1/nothing", headers=AUTH)
     assert code == 404 and "error" in reply
-    code, _, reply = http("GET", server.url + "/v1/completions", headers=AUTH)
+    code, headers, reply = http("GET", server.url + "/v1/completions", headers=AUTH)
     assert code == 405 and "error" in reply
+    assert headers["Allow"] == "POST"
+
+
+def test_without_cors_origins_browsers_get_no_cors_answers(server):
+    preflight = {"Origin": "https://chat.example.org", "Access-Control-Request-Method": "POST"}
+    code, headers, reply = http("OPTIONS", server.url + "/v1/completions", headers=preflight)
+    assert code == 405 and "error" in reply
+    assert headers["Allow"] == "POST"
+    assert "Access-Control-Allow-Origin" not in headers
+    code, headers, _ = http(
+        "POST", server.url + "/v1/completions", {"prompt": "hi", "max_tokens": 1}, {**AUTH, **preflight}
+    )
+    assert code == 200
+    assert "Access-Control-Allow-Origin" not in headers
 
 
 def test_requests_without_the_key_are_refused(server):

@@ -1,5 +1,5 @@
 """Requests as an unusual or hostile client sends them: fields the server does not honour, text that is not
-Unicode, chats of every shape, seeds at the edges of their range."""
+Unicode, chats of every shape, seeds at the edges of their range, browsers and odd methods."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from inference import api
 from tests.inference.conftest import Server, http
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+ORIGIN = "https://chat.example.org"
 CHAT = {"messages": [{"role": "user", "content": "Hello"}]}
 COMPLETION = {"prompt": "Hello"}
 
@@ -411,6 +412,10 @@ def server(tiny_model, tmp_path_factory):
         "2",
         "--api-key-file",
         str(key_file),
+        "--cors-origin",
+        f"{ORIGIN}/, http://localhost:3000",
+        "--cors-origin",
+        "HTTP://127.0.0.1:8000",
     )
     yield proc
     proc.stop()
@@ -508,3 +513,94 @@ def test_ignore_eos_is_accepted(server):
     code, _, reply = _post(server, "/v1/completions", {**COMPLETION, "max_tokens": 4, "ignore_eos": True})
     assert code == 200, reply
     assert reply["usage"]["completion_tokens"] == 4
+
+
+def test_models_report_the_training_context_and_each_model_by_id(server):
+    listed = http("GET", server.url + "/v1/models", headers=AUTH)[2]["data"]
+    assert listed[0]["meta"]["n_ctx_train"] == 2048
+    code, _, one = http("GET", server.url + "/v1/models/tiny", headers=AUTH)
+    assert code == 200
+    assert one == listed[0]
+    for other in ("gpt-4", "tiny/extra", "Tiny"):
+        code, _, reply = http("GET", server.url + f"/v1/models/{other}", headers=AUTH)
+        assert code == 404, other
+        assert reply["error"]["code"] == "model_not_found"
+        assert reply["error"]["param"] == "model"
+    assert http("GET", server.url + "/v1/models/tiny")[0] == 401
+
+
+def test_a_browser_preflight_from_an_allowed_origin_is_answered(server):
+    headers = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    code, answer, _ = http("OPTIONS", server.url + "/v1/chat/completions", headers=headers)
+    assert code == 204
+    assert answer["Access-Control-Allow-Origin"] == ORIGIN
+    assert "POST" in answer["Access-Control-Allow-Methods"]
+    assert answer["Access-Control-Allow-Headers"] == "authorization, content-type"
+    assert "Origin" in answer["Vary"]
+    for origin in ("http://localhost:3000", "http://127.0.0.1:8000"):
+        code, answer, _ = http("OPTIONS", server.url + "/v1/models", headers={**headers, "Origin": origin})
+        assert code == 204 and answer["Access-Control-Allow-Origin"] == origin
+    code, answer, reply = http(
+        "OPTIONS", server.url + "/v1/completions", headers={**headers, "Origin": "https://evil.example"}
+    )
+    assert code == 403
+    assert reply["error"]["code"] == "origin_not_allowed"
+    assert "Access-Control-Allow-Origin" not in answer
+    code, _, reply = http("OPTIONS", server.url + "/v1/nothing", headers=headers)
+    assert code == 404 and "error" in reply
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/completions", {**COMPLETION, "max_tokens": 2}, 200),
+        ("/v1/completions", {**COMPLETION, "max_tokens": 2, "stream": True}, 200),
+        ("/v1/completions", {**COMPLETION, "tools": []}, 400),
+    ],
+)
+def test_replies_to_an_allowed_origin_carry_the_cors_header(server, path, body, status):
+    code, answer, _ = _post(server, path, body, {"Origin": ORIGIN})
+    assert code == status
+    assert answer["Access-Control-Allow-Origin"] == ORIGIN
+    assert "Retry-After" in answer["Access-Control-Expose-Headers"]
+    code, answer, _ = _post(server, path, body, {"Origin": "https://evil.example"})
+    assert code == status and "Access-Control-Allow-Origin" not in answer
+    code, answer, _ = _post(server, path, body)
+    assert code == status and "Access-Control-Allow-Origin" not in answer
+
+
+def test_an_unauthorised_reply_still_carries_the_cors_header(server):
+    code, answer, _ = http("GET", server.url + "/v1/models", headers={"Origin": ORIGIN})
+    assert code == 401
+    assert answer["Access-Control-Allow-Origin"] == ORIGIN
+
+
+def test_a_405_names_the_allowed_methods(server):
+    code, answer, reply = http("GET", server.url + "/v1/chat/completions", headers=AUTH)
+    assert code == 405
+    assert answer["Allow"] == "OPTIONS, POST"
+    assert "POST" in reply["error"]["message"]
+    code, answer, _ = http("DELETE", server.url + "/v1/models", headers=AUTH)
+    assert code == 405
+    assert answer["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def test_cors_origins_are_normalised_or_refused_with_the_option_named(tiny_model):
+    from inference.config import ServeConfig, parse_origins
+    from inference.worker import ConfigError
+
+    assert parse_origins(["https://A.example/, http://localhost:3000", "https://a.example"]) == (
+        "https://a.example",
+        "http://localhost:3000",
+    )
+    assert parse_origins(["*"]) == ("*",)
+    config = ServeConfig(model=str(tiny_model), cors_origins=("HTTPS://Chat.Example.org/",)).validated()
+    assert config.cors_origins == ("https://chat.example.org",)
+    assert ServeConfig(model=str(tiny_model)).validated().cors_origins == ()
+    for bad in ("chat.example.org", "https://chat.example.org/app", "null", "https://"):
+        with pytest.raises(ConfigError, match="--cors-origin"):
+            parse_origins([bad])
