@@ -37,8 +37,8 @@ def ipv4_address(host: str) -> ipaddress.IPv4Address | None:
     """``host`` as an IPv4 address that ggml's RPC server can bind, else None.
 
     The server (ggml-rpc's ``create_server``) opens an AF_INET socket on ``inet_addr(host)``: an IPv4
-    address in digits. A name such as localhost, an IPv6 address, or 255.255.255.255 (``inet_addr``'s
-    error value) ends the worker with "Invalid host address"; an IPv6 endpoint does not even parse.
+    address. A name such as localhost or 255.255.255.255 (``inet_addr``'s error value) ends the worker with
+    "Invalid host address"; an IPv6 endpoint does not even parse (``parse_endpoint`` splits at the first ':').
     """
     try:
         address = ipaddress.IPv4Address(host)
@@ -86,8 +86,8 @@ class WorkerConfig:
         address = ipv4_address(self.host)
         if address is None:
             raise ConfigError(
-                f"--host {self.host!r} is not an IPv4 address in digits, and ggml's RPC server binds only "
-                "those (no host names, no IPv6): give 127.0.0.1 for this machine alone, or its cluster "
+                f"--host {self.host!r} is not an IPv4 address such as 127.0.0.1, and ggml's RPC server binds "
+                "only those (no host names, no IPv6): give 127.0.0.1 for this machine alone, or its cluster "
                 "address (e.g. 10.0.0.11) with --allow-remote"
             )
         if not address.is_loopback and not self.allow_remote:
