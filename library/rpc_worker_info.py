@@ -13,15 +13,18 @@ description:
   - Says hello to read the protocol version, then asks for the device count and the free and total memory
     of each device, and times a few DEVICE_COUNT round trips.
   - A worker serves one client at a time. While the head is connected, the kernel still accepts a new
-    connection but nobody answers the hello; the module reports that as O(busy=true) and fails on it only
-    with O(require_idle=true).
+    connection but nobody answers the hello; the module reports that as C(busy) ("busy, served by another
+    client"; a hung worker looks the same) and fails on it only with O(require_idle=true).
   - Once the worker's listen queue is full (the head's own liveness probes fill it), new connections time
     out as if a firewall dropped them. Run from the head, the module then finds the head's established
-    connection to the worker in C(/proc/net/tcp) and reports O(busy=true) too; from anywhere else a timeout
+    connection to the worker in C(/proc/net/tcp) and reports C(busy) too; from anywhere else a timeout
     is C(unreachable).
-  - Fails when nothing accepts the connection (the address is in the message), when the protocol major
-    version differs from O(expected_major), or when the free memory is below O(min_free_bytes). The result
-    keys are returned on failure too, so C(until) can test them.
+  - So C(unreachable) is either a refused connection (no worker listens there) or no TCP connection at all
+    (host down, firewall, or that full queue seen from elsewhere); the message says which.
+  - Fails when the worker cannot be reached (the address is in the message), when ggml's client would refuse
+    its protocol version (another major version than O(expected_major), or a minor version newer than
+    O(expected_minor); both versions are in the message), or when the free memory is below
+    O(min_free_bytes). The result keys are returned on failure too, so C(until) can test them.
 version_added: "0.1.0"
 author: llmfleet
 options:
@@ -43,6 +46,13 @@ options:
     description: RPC protocol major version the head speaks; another major version fails.
     type: int
     default: 7
+  expected_minor:
+    description:
+      - RPC protocol minor version the head speaks; a worker with a newer minor version fails, an older one
+        passes, as ggml's client decides.
+      - The default is the version of llama-cpp-python 0.3.36.
+    type: int
+    default: 0
   min_free_bytes:
     description:
       - Free memory the worker must have, summed over its devices, e.g. the size of its planned shard.
@@ -98,8 +108,9 @@ endpoint:
   type: str
   sample: 10.0.0.11:50052
 state:
-  description: C(ok), C(busy) (hello unanswered), C(unreachable) (connection refused or timed out) or
-    C(protocol_error) (answered, but not as a ggml RPC server we can talk to).
+  description: C(ok), C(busy) (connected, but the hello unanswered - served by another client, or hung),
+    C(unreachable) (connection refused, or no TCP connection at all) or C(protocol_error) (answered, but not
+    as a ggml RPC server we can talk to).
   returned: always
   type: str
   sample: ok
@@ -174,6 +185,7 @@ def main() -> None:
             port=dict(type="int", default=DEFAULT_PORT),
             timeout=dict(type="float", default=5.0),
             expected_major=dict(type="int", default=7),
+            expected_minor=dict(type="int", default=0),
             min_free_bytes=dict(type="int", default=0),
             require_idle=dict(type="bool", default=False),
             rtt_samples=dict(type="int", default=5),
@@ -191,7 +203,13 @@ def main() -> None:
             f"{params['rtt_samples']} at least 1"
         )
     info = probe(params["host"], params["port"], params["timeout"], params["rtt_samples"])
-    found = problems(info, params["expected_major"], params["min_free_bytes"], params["require_idle"])
+    found = problems(
+        info,
+        params["expected_major"],
+        params["min_free_bytes"],
+        params["require_idle"],
+        expected_minor=params["expected_minor"],
+    )
     if found:
         module.fail_json(msg="; ".join(found), changed=False, **info)
     module.exit_json(changed=False, **info)

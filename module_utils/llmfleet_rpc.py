@@ -7,6 +7,11 @@ listen backlog of 1: while the head is connected, a new connection is accepted b
 from it, so the hello goes unanswered until the head leaves. Once two such connections wait (the head's own
 liveness probes fill the queue), the kernel drops further SYNs and a connect times out as if a firewall
 dropped it; from the head itself, its established connection to the worker tells the two apart.
+
+So a probe ends in one of: refused (nothing listens), no TCP connection (host down, firewall, or a full
+queue seen from elsewhere than the head), connected but the hello unanswered (busy with another client, or
+hung), or an answer. The client refuses an answer whose major version differs from its own or whose minor
+version is newer (``negotiate_hello``); an older minor version is served.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class RpcError(Exception):
 
 
 class WorkerUnreachable(RpcError):
-    """Nothing accepted the TCP connection: no worker listens there, or the packets are dropped."""
+    """No TCP connection: refused (no worker listens there), or no answer at all."""
 
     state = "unreachable"
 
@@ -121,16 +126,18 @@ def connect(host: str, port: int, timeout: float) -> RpcConnection:
     except ConnectionRefusedError as exc:
         raise WorkerUnreachable(
             endpoint,
-            "connection refused: no RPC worker listens on that address and port; is its service running?",
+            "unreachable, connection refused: no RPC worker listens on that address and port; is its "
+            "service running?",
         ) from exc
     except TimeoutError as exc:
         raise ConnectTimeout(
             endpoint,
-            f"no answer to the TCP connection within {timeout:g} s: the host is down, a firewall drops the "
-            "packets (the firewall role opens the port to the head only), or the worker's listen queue is full",
+            f"unreachable, no answer to the TCP connection within {timeout:g} s: the host is down or a "
+            "firewall drops the packets (the firewall role opens the port to the head only); a busy worker "
+            "whose listen queue is full looks the same from any host but the head, so ask from the head",
         ) from exc
     except OSError as exc:
-        raise WorkerUnreachable(endpoint, f"cannot connect: {exc.strerror or exc}") from exc
+        raise WorkerUnreachable(endpoint, f"unreachable, cannot connect: {exc.strerror or exc}") from exc
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(struct.pack("<BQ", RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE) + bytes(RPC_CONN_CAPS_SIZE))
@@ -139,8 +146,8 @@ def connect(host: str, port: int, timeout: float) -> RpcConnection:
         except TimeoutError as exc:
             raise WorkerBusy(
                 endpoint,
-                f"the port is open but the hello got no answer within {timeout:g} s: the worker is serving "
-                "another client (the head) and serves one at a time",
+                f"busy, served by another client: the connection was accepted but the hello got no answer "
+                f"within {timeout:g} s; a worker serves one client (the head) at a time, or else it hangs",
             ) from exc
         except ConnectionResetError as exc:
             raise ProtocolError(endpoint, "reset the connection during the hello") from exc
@@ -207,8 +214,9 @@ def probe(host: str, port: int, timeout: float = 5.0, rtt_samples: int = 5) -> d
             state="busy",
             reachable=True,
             busy=True,
-            detail=f"RPC worker {endpoint}: its listen queue is full and this host holds an established "
-            "connection to it: the head here is connected, and the worker serves one client at a time",
+            detail=f"RPC worker {endpoint}: busy, served by another client: its listen queue is full and "
+            "this host holds an established connection to it (the head here is connected, and a worker "
+            "serves one client at a time)",
         )
         return result
     except RpcError as exc:
@@ -262,13 +270,36 @@ def human_bytes(value: int) -> str:
     return f"{size:.1f} GiB"
 
 
+def version_problem(info: dict, expected_major: int, expected_minor: int) -> str | None:
+    """ggml's rule for the head (protocol ``expected_major.expected_minor``) talking to this worker.
+
+    The client aborts with "RPC server version mismatch" when the server's major version differs from its
+    own or its minor version is newer; a worker of an older minor version is served.
+    """
+    major, minor = info["protocol"]["major"], info["protocol"]["minor"]
+    if major == expected_major and minor <= expected_minor:
+        return None
+    why = "another major version" if major != expected_major else "a newer minor version"
+    return (
+        f"RPC worker {info['endpoint']} speaks protocol {info['protocol_version']} and the head speaks "
+        f"{expected_major}.{expected_minor}: ggml's client refuses a worker of {why} (it accepts the same major "
+        f"version with a minor version up to its own); head and workers need the same llama-cpp-python build, "
+        "so reinstall the worker from the same wheelhouse as the head"
+    )
+
+
 def problems(
-    info: dict, expected_major: int, min_free_bytes: int = 0, require_idle: bool = False
+    info: dict,
+    expected_major: int,
+    min_free_bytes: int = 0,
+    require_idle: bool = False,
+    expected_minor: int = 0,
 ) -> list[str]:
     """What makes this worker unfit, one sentence each; empty when it is fit.
 
-    A busy worker (the head holds its one connection) passes unless ``require_idle``; its version and memory
-    cannot be read then, and the head that holds it has already allocated its share.
+    ``expected_major`` and ``expected_minor`` are the head's protocol version. A busy worker (the head holds
+    its one connection) passes unless ``require_idle``; its version and memory cannot be read then, and the
+    head that holds it has already allocated its share.
     """
     state = info["state"]
     if state == "busy":
@@ -278,13 +309,9 @@ def problems(
     if state != "ok":
         return [info["detail"]]
     found = []
-    major = info["protocol"]["major"]
-    if major != expected_major:
-        found.append(
-            f"RPC worker {info['endpoint']} speaks protocol {info['protocol_version']}, expected major version "
-            f"{expected_major}: head and workers need the same llama-cpp-python build; reinstall the worker "
-            "from the same wheelhouse as the head"
-        )
+    mismatch = version_problem(info, expected_major, expected_minor)
+    if mismatch:
+        found.append(mismatch)
     if info["device_count"] == 0:
         found.append(f"RPC worker {info['endpoint']} offers no device")
     elif min_free_bytes and info["free_bytes"] < min_free_bytes:

@@ -62,7 +62,8 @@ def test_a_worker_holding_another_client_is_busy_not_down(worker):
         holder.close()
     assert info["state"] == "busy"
     assert info["reachable"] is True and info["busy"] is True
-    assert "serving another client" in info["detail"]
+    assert f"127.0.0.1:{worker.port}: busy, served by another client" in info["detail"]
+    assert "hello got no answer within 0.5 s" in info["detail"]
     assert rpc.problems(info, expected_major=7, min_free_bytes=1 << 60) == []
     (message,) = rpc.problems(info, expected_major=7, require_idle=True)
     assert "require_idle" in message
@@ -75,8 +76,24 @@ def test_refused_connection_names_the_address():
     info = rpc.probe("127.0.0.1", port)
     assert info["state"] == "unreachable" and info["reachable"] is False
     (message,) = rpc.problems(info, expected_major=7)
-    assert f"127.0.0.1:{port}" in message
-    assert "connection refused" in message
+    assert f"127.0.0.1:{port}: unreachable, connection refused: no RPC worker listens" in message
+    assert "busy" not in message and "firewall" not in message
+
+
+def test_a_connection_accepted_but_never_served_is_busy_not_unreachable():
+    # The kernel accepts into the listen backlog of a server that never reads, as ggml's does while it
+    # serves another head: connected, but the hello is never answered.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    try:
+        info = rpc.probe("127.0.0.1", listener.getsockname()[1], timeout=0.3)
+    finally:
+        listener.close()
+    assert info["state"] == "busy" and info["reachable"] is True and info["busy"] is True
+    assert "busy, served by another client" in info["detail"]
+    assert "hello got no answer within 0.3 s" in info["detail"] and "or else it hangs" in info["detail"]
+    assert "unreachable" not in info["detail"] and "firewall" not in info["detail"]
 
 
 def fill_listen_queue(port: int) -> list[socket.socket]:
@@ -109,7 +126,9 @@ def test_connect_timeout_without_a_connection_from_here_is_unreachable(monkeypat
             s.close()
         listener.close()
     assert info["state"] == "unreachable" and info["reachable"] is False
-    assert "no answer to the TCP connection within 0.3 s" in info["detail"]
+    assert "unreachable, no answer to the TCP connection within 0.3 s" in info["detail"]
+    assert "the host is down or a firewall drops the packets" in info["detail"]
+    assert "ask from the head" in info["detail"]
 
 
 def test_a_worker_whose_queue_the_head_filled_is_busy_seen_from_the_head(worker):
@@ -125,7 +144,8 @@ def test_a_worker_whose_queue_the_head_filled_is_busy_seen_from_the_head(worker)
             s.close()
         holder.close()
     assert info["state"] == "busy" and info["reachable"] is True
-    assert "listen queue is full and this host holds an established connection" in info["detail"]
+    assert "busy, served by another client: its listen queue is full" in info["detail"]
+    assert "this host holds an established connection" in info["detail"]
     assert rpc.problems(info, expected_major=7) == []
 
 
@@ -150,8 +170,48 @@ def test_other_major_version_fails_with_both_versions(fake):
     info = rpc.probe("127.0.0.1", server.port)
     assert info["protocol_version"] == "6.2.1"
     (message,) = rpc.problems(info, expected_major=7)
-    assert "speaks protocol 6.2.1, expected major version 7" in message
+    assert "speaks protocol 6.2.1 and the head speaks 7.0" in message
+    assert "another major version" in message
     assert "same llama-cpp-python build" in message
+
+
+# ggml's client (negotiate_hello) refuses a server whose major version differs or whose minor is newer.
+@pytest.mark.parametrize(
+    ("worker_version", "head", "refused"),
+    [
+        ((7, 0, 0), (7, 0), False),
+        ((7, 0, 9), (7, 0), False),  # the patch version is not compared
+        ((7, 0, 0), (7, 2), False),  # an older worker minor is served
+        ((7, 2, 0), (7, 2), False),
+        ((7, 1, 0), (7, 0), True),
+        ((7, 3, 1), (7, 2), True),
+        ((8, 0, 0), (7, 0), True),
+        ((6, 9, 0), (7, 0), True),
+    ],
+)
+def test_version_check_follows_ggml_clients_rule(fake, worker_version, head, refused):
+    server = fake(version=worker_version)
+    info = rpc.probe("127.0.0.1", server.port, rtt_samples=1)
+    found = rpc.problems(info, expected_major=head[0], expected_minor=head[1])
+    if not refused:
+        assert found == []
+        return
+    (message,) = found
+    shown = ".".join(map(str, worker_version))
+    assert (
+        f"127.0.0.1:{server.port} speaks protocol {shown} and the head speaks {head[0]}.{head[1]}" in message
+    )
+    assert ("a newer minor version" if worker_version[0] == head[0] else "another major version") in message
+
+
+def test_module_fails_on_a_newer_minor_version_naming_both(run_module, fake):
+    server = fake(version=(7, 1, 0))
+    result = run_module("rpc_worker_info", {"host": "127.0.0.1", "port": server.port})
+    assert result["failed"] is True
+    assert "speaks protocol 7.1.0 and the head speaks 7.0" in result["msg"]
+    assert result["protocol"] == {"major": 7, "minor": 1, "patch": 0}
+    result = run_module("rpc_worker_info", {"host": "127.0.0.1", "port": server.port, "expected_minor": 1})
+    assert not result.get("failed") and result["state"] == "ok"
 
 
 def test_memory_of_every_device_is_summed(fake):
@@ -198,4 +258,4 @@ def test_module_runs_through_ansible_in_check_mode(worker, tmp_path):
     assert result["protocol_version"] == worker_version(worker)
     refused = ansible_adhoc(tmp_path, "rpc_worker_info", {"host": "127.0.0.1", "port": free_port()})
     assert refused["failed"] is True
-    assert refused["state"] == "unreachable" and "connection refused" in refused["msg"]
+    assert refused["state"] == "unreachable" and "unreachable, connection refused" in refused["msg"]
