@@ -124,3 +124,31 @@ def test_playbook_passes_syntax_check_with_the_example_inventory(path, tmp_path)
         ],
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_second_head_is_refused_by_the_head_and_the_workers_firewall(tmp_path):
+    # Two heads would take the same workers from each other: the head's role and the firewall that would
+    # open the workers' RPC port to both refuse before any change.
+    inventory = tmp_path / "inventory.yml"
+    cases = {"gpu1": {"case_role": "inference_head", **HEAD}, "pi1": {"case_role": "firewall"}}
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "all": {
+                    "vars": {"ansible_connection": "local"},
+                    "children": {
+                        "cases": {"hosts": cases},
+                        "inference_head": {"hosts": {"gpu1": {}, "gpu2": {}}},
+                        "rpc_workers": {"hosts": {"pi1": {}}},
+                    },
+                }
+            }
+        )
+    )
+    _, output = playbook(tmp_path, REPO / "tests/roles/reject.yml", inventory, {}, "--check")
+    for host in cases:
+        outcome = host_results(output, host)["Report the outcome"]["msg"]
+        assert outcome.startswith("Check "), outcome
+        assert "The inference_head group has 2 hosts (gpu1, gpu2)" in outcome
+        assert "a worker serves one head at a time" in outcome
+        assert "Keep one host in inference_head" in outcome
