@@ -60,7 +60,8 @@ def test_rpc_split_gives_the_local_greedy_tokens(split, tiny_model, reference, p
 
 
 def _stream(url: str, prompt: str, out: dict) -> None:
-    body = json.dumps({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True}).encode()
+    body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True, "ignore_eos": True}
+    body = json.dumps(body).encode()
     req = urllib.request.Request(
         url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}, method="POST"
     )
@@ -128,7 +129,7 @@ def test_lost_worker_fails_requests_clearly_and_the_engine_recovers(tiny_model, 
     result = {}
 
     def long_request():
-        result["response"] = server.complete(PROMPTS[1], max_tokens=400)
+        result["response"] = server.complete(PROMPTS[1], max_tokens=400, ignore_eos=True)
 
     client = threading.Thread(target=long_request)
     client.start()
