@@ -7,11 +7,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
+# The build every host runs: the public sdist plus our llama.cpp patch series (inference/patches/llama.cpp,
+# each patch says what and why), marked with a local version label so that a mixed cluster is told apart by
+# name. Change the label whenever the series changes; pyproject.toml, the inference_package role and the
+# cluster harness name the same version (a unit test checks).
+LLAMA_CPP_PYTHON_BUILD := $(LLAMA_CPP_PYTHON_VERSION)+llmfleet.1
 # The RPC backend is off in llama-cpp-python's default build; every host needs the same build so that the
-# RPC protocol versions match. The wheelhouse outlives clones so the 3-minute build happens once per machine.
+# RPC protocol versions match. The wheelhouse outlives clones so the build happens once per machine.
 LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
-WHEELHOUSE ?= $(HOME)/.cache/llmfleet/wheelhouse/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)-rpc
-APT_PACKAGES := python3 python3-venv python3-dev build-essential cmake git curl ca-certificates \
+WHEELHOUSE ?= $(HOME)/.cache/llmfleet/wheelhouse/llama-cpp-python-$(LLAMA_CPP_PYTHON_BUILD)-rpc
+APT_PACKAGES := python3 python3-venv python3-dev build-essential cmake git curl ca-certificates patch \
 	openssh-client iproute2 nftables systemd-container debootstrap rsync e2fsprogs
 
 LLAMA_SERVER_DIR ?= $(HOME)/.cache/llmfleet/llama-server-$(LLAMA_CPP_PYTHON_VERSION)
@@ -37,18 +42,17 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip wheel
 
 wheelhouse: $(BIN)/python
-	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl >/dev/null 2>&1; then \
-	  echo "Building llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) with $(LLAMA_CMAKE_ARGS) (a few minutes)"; \
-	  mkdir -p $(WHEELHOUSE); \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	    $(BIN)/pip wheel --no-deps --no-binary llama-cpp-python --no-cache-dir \
-	    "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)" -w $(WHEELHOUSE).tmp; \
-	  mv $(WHEELHOUSE).tmp/*.whl $(WHEELHOUSE)/ && rmdir $(WHEELHOUSE).tmp; \
+	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_PYTHON_BUILD)-*.whl >/dev/null 2>&1; then \
+	  echo "Building llama-cpp-python $(LLAMA_CPP_PYTHON_BUILD) with $(LLAMA_CMAKE_ARGS) (several minutes)"; \
+	  rm -rf $(WHEELHOUSE).tmp; \
+	  $(BIN)/python inference/patches/build_wheel.py --version "$(LLAMA_CPP_PYTHON_BUILD)" \
+	    --cmake-args "$(LLAMA_CMAKE_ARGS)" --out $(WHEELHOUSE).tmp; \
+	  mkdir -p $(WHEELHOUSE) && mv $(WHEELHOUSE).tmp/*.whl $(WHEELHOUSE)/ && rmdir $(WHEELHOUSE).tmp; \
 	fi
 
 install: system-packages wheelhouse
 	$(BIN)/pip install -q --find-links $(WHEELHOUSE) -e '.[dev]'
-	$(BIN)/python -m inference check-build
+	$(BIN)/python -m inference check-build --expect "$(LLAMA_CPP_PYTHON_BUILD)"
 
 # llama.cpp's own server from the sources vendored in the same llama-cpp-python sdist, for benchmarks.
 $(LLAMA_SERVER): | $(BIN)/python
@@ -94,7 +98,7 @@ MOLECULE_ROLES := cpu_tuning memory_tuning storage_tuning cpu_pinning cgroup_sli
 test: lint cluster-wheelhouse
 	$(BIN)/pytest
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/molecule test -s cluster
-	$(BIN)/python -m tests.cluster up
+	$(BIN)/python -m tests.cluster up --fresh
 	for role in $(MOLECULE_ROLES); do \
 	  (cd roles/$$role && PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/molecule test) || exit 1; \
 	done

@@ -81,6 +81,7 @@ def libggml_base() -> ctypes.CDLL:
         "ggml_backend_dev_description": ([vp], cp),
         "ggml_backend_dev_type": ([vp], ctypes.c_int),
         "ggml_backend_dev_backend_reg": ([vp], vp),
+        "ggml_backend_dev_buffer_type": ([vp], vp),
         "ggml_threadpool_params_init": ([vp, ctypes.c_int], None),
         "ggml_backend_dev_memory": (
             [vp, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)],
@@ -204,6 +205,14 @@ def add_rpc_server_handles(endpoint: str) -> list[int]:
         raise GgmlError(f"RPC server {endpoint} offers no device")
     libggml().ggml_backend_register(reg)
     return [base.ggml_backend_reg_dev_get(reg, i) for i in range(count)]
+
+
+def buffer_type(dev: int) -> int:
+    """The device's default buffer type (``ggml_backend_buffer_type_t``), e.g. for tensor_buft_overrides."""
+    buft = libggml_base().ggml_backend_dev_buffer_type(dev)
+    if not buft:
+        raise GgmlError(f"device {describe(dev).name} has no buffer type")
+    return buft
 
 
 def device_memory(dev: int) -> tuple[int, int]:

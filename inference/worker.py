@@ -7,15 +7,17 @@ other connections wait in the listen backlog.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
 import os
+import re
 import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger("inference.worker")
 
@@ -23,6 +25,15 @@ DEFAULT_PORT = 50052
 RPC_CMD_HELLO = 14
 # rpc_msg_hello_req carries a 24-byte transport capability block; the reply is major, minor, patch, pad, caps.
 RPC_CONN_CAPS_SIZE = 24
+
+
+# The tensor cache (--cache-dir) keeps each large weight the head sent, in a file named by the FNV-1a hash of
+# its bytes (llama.cpp's ggml-rpc, HASH_THRESHOLD: tensors over 10 MiB). Entries are pruned to this size at
+# start, those unused for longest first (a cache hit sets an entry's mtime: inference/patches/llama.cpp/0001).
+DEFAULT_CACHE_MAX_BYTES = 16 << 30
+CACHE_ENTRY = re.compile(r"[0-9a-f]{16}")
+CACHE_PARTIAL = re.compile(r"[0-9a-f]{16}\.partial")
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 class ConfigError(ValueError):
@@ -77,6 +88,7 @@ class WorkerConfig:
     threads: int = 0
     cache_dir: str | None = None
     allow_remote: bool = False
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
 
     def validated(self) -> WorkerConfig:
         if not 0 < self.port < 65536:
@@ -107,7 +119,12 @@ class WorkerConfig:
                 raise ConfigError(f"--cache-dir {cache_dir} cannot be created: {exc.strerror}") from exc
             if not os.access(cache_dir, os.W_OK):
                 raise ConfigError(f"--cache-dir {cache_dir} is not writable by this user")
-        return WorkerConfig(self.host, self.port, threads, cache_dir, self.allow_remote)
+        if self.cache_max_bytes <= 0:
+            raise ConfigError(
+                f"--cache-max-size {self.cache_max_bytes} must be positive, e.g. 16G; to keep no cache, "
+                "leave out --cache-dir"
+            )
+        return replace(self, threads=threads, cache_dir=cache_dir)
 
     @property
     def endpoint(self) -> str:
@@ -176,6 +193,51 @@ def keep_connections_alive(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
+def parse_size(text: str) -> int:
+    """``16G``, ``512M``, ``1048576`` -> bytes (binary units K, M, G, T; an optional trailing B or iB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(
+            f"--cache-max-size {text!r} is not a size; give bytes or a number with K, M, G or T"
+        )
+    return int(float(match[1]) * SIZE_UNITS[match[2].upper()])
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    kept: int  # entries left
+    kept_bytes: int
+    removed: int  # entries removed to stay under the bound
+    removed_bytes: int
+    partial: int  # unfinished writes removed
+
+
+def prune_cache(cache_dir: str, max_bytes: int) -> PruneResult:
+    """Remove unfinished writes (``<hash>.partial``) and the least recently used entries (oldest mtime) until
+    the entries take at most ``max_bytes``. Other files in the directory are left alone."""
+    entries, partial = [], 0
+    for entry in os.scandir(cache_dir):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if CACHE_PARTIAL.fullmatch(entry.name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+            partial += 1
+        elif CACHE_ENTRY.fullmatch(entry.name):
+            info = entry.stat(follow_symlinks=False)
+            entries.append((info.st_mtime_ns, info.st_size, entry.path))
+    entries.sort(reverse=True)
+    kept = kept_bytes = removed = removed_bytes = 0
+    for _, size, path in entries:
+        if kept_bytes + size <= max_bytes:
+            kept, kept_bytes = kept + 1, kept_bytes + size
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        removed, removed_bytes = removed + 1, removed_bytes + size
+    return PruneResult(kept, kept_bytes, removed, removed_bytes, partial)
+
+
 def _announce_version(config: WorkerConfig) -> None:
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     for _ in range(100):
@@ -214,6 +276,19 @@ def run(config: WorkerConfig) -> None:
         config.threads,
         config.cache_dir or "off",
     )
+    if config.cache_dir:
+        pruned = prune_cache(config.cache_dir, config.cache_max_bytes)
+        log.info(
+            "tensor cache %s: %d entries, %.1f MiB kept; %d unused entries (%.1f MiB) and %d unfinished writes "
+            "removed (bound %.1f MiB)",
+            config.cache_dir,
+            pruned.kept,
+            pruned.kept_bytes / 2**20,
+            pruned.removed,
+            pruned.removed_bytes / 2**20,
+            pruned.partial,
+            config.cache_max_bytes / 2**20,
+        )
     threading.Thread(target=_announce_version, args=(config,), daemon=True).start()
     ggml.start_rpc_server(config.endpoint, config.cache_dir, config.threads, handles)
     raise RuntimeError(f"the RPC server on {config.endpoint} stopped")

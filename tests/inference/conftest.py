@@ -46,13 +46,17 @@ def http(method: str, url: str, body=None, headers=None, timeout: float = 60.0):
 
 
 class Proc:
-    def __init__(self, args: list[str], log_path: Path):
+    def __init__(self, args: list[str], log_path: Path, **popen_kwargs):
         self.args = args
         self.log_path = log_path
         self.log = log_path.open("ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "inference", *args], stdout=self.log, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "inference", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            **popen_kwargs,
         )
 
     def stop(self, sig=signal.SIGTERM) -> None:
@@ -72,9 +76,8 @@ class Proc:
 class Worker(Proc):
     def __init__(self, tmp: Path, port: int | None = None, threads: int = 1):
         self.port = port or free_port()
-        super().__init__(
-            ["worker", "--port", str(self.port), "--threads", str(threads)], tmp / f"worker-{self.port}.log"
-        )
+        self.threads = threads
+        super().__init__(self._args(), tmp / f"worker-{self.port}.log", **self._popen_kwargs())
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
@@ -83,6 +86,12 @@ class Worker(Proc):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"worker on {self.port} did not start: {self.output()}")
+
+    def _args(self) -> list[str]:
+        return ["worker", "--port", str(self.port), "--threads", str(self.threads)]
+
+    def _popen_kwargs(self) -> dict:
+        return {}
 
     @property
     def endpoint(self) -> str:

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.ansiblerun import REPO, playbook
+from tests.cluster.config import LLAMA_WHEEL_DIR
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
-LLAMA_WHEELS = Path.home() / ".cache/llmfleet/wheelhouse/llama-cpp-python-0.3.36-rpc"
+LLAMA_WHEELS = LLAMA_WHEEL_DIR
 
 
 def system_python_can_build() -> bool:
