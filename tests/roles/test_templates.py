@@ -30,7 +30,7 @@ def test_worker_listens_on_its_cluster_address_with_its_inventory_port(rendered)
         unit = directives(rendered / host / "llmfleet-rpc-worker.service")
         assert unit["ExecStart"] == [
             f"{venv}/bin/python -m inference worker --host {address} --allow-remote --port {port} "
-            "--threads 0 --cache-dir %C/llmfleet-rpc-worker"
+            "--threads 0 --cache-dir %C/llmfleet-rpc-worker --cache-max-size 16G"
         ]
         assert unit["User"] == ["llmfleet-rpc"] and unit["Slice"] == ["llmfleet.slice"]
         assert unit["Restart"] == ["on-failure"]
