@@ -127,6 +127,39 @@ def _add_synth_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_synth_model)
 
 
+def _reshard(args: argparse.Namespace) -> int:
+    from inference import reshard
+
+    return reshard.main_reshard(args.model, args.workers, args.out, args.cache_dir)
+
+
+def _add_reshard(sub: argparse._SubParsersAction) -> None:
+    from inference.reshard import DEFAULT_CACHE_DIR
+
+    p = sub.add_parser(
+        "reshard",
+        help="cut every layer's expert tensors into one slice per RPC worker (for serve --split experts)",
+        description="Write a copy of a mixture-of-experts GGUF whose ffn_{gate,up,down}_exps tensors are cut "
+        "along the expert FFN dimension into one slice per RPC worker (blk.N.ffn_gate_exps.shardK.weight), "
+        "with <arch>.expert_shard_count set. Progress goes to stderr, the output path alone to stdout.",
+    )
+    p.add_argument("--model", required=True, metavar="PATH", help="the .gguf model to split")
+    p.add_argument(
+        "--workers", required=True, type=int, metavar="N", help="RPC workers, i.e. slices per tensor"
+    )
+    p.add_argument(
+        "--out", metavar="PATH", help="file to write (replaced if present); default: a file in --cache-dir"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=DEFAULT_CACHE_DIR,
+        metavar="DIR",
+        help="without --out, keep the split here, named by the model's SHA-256 and N, and reuse it "
+        f"(default {DEFAULT_CACHE_DIR})",
+    )
+    p.set_defaults(func=_reshard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -200,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     _add_synth_model(sub)
+    _add_reshard(sub)
     sub.add_parser(
         "bench", help="compare throughput with llama-server and llama-cpp-python's server (--help)"
     )
