@@ -36,6 +36,7 @@ def _worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         cache_dir=args.cache_dir,
         allow_remote=args.allow_remote,
+        cache_max_bytes=worker_module.parse_size(args.cache_max_size),
     )
     worker_module.run(config)
     return 1
@@ -68,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         gpu_layers=args.gpu_layers,
         model_alias=args.alias,
         rpc_timeout=args.rpc_timeout,
+        sharded_cache_dir=args.sharded_cache_dir,
         worker_probe_interval=args.worker_probe_interval,
     ).validated()
     asyncio.run(server.serve(config))
@@ -134,7 +136,7 @@ def _reshard(args: argparse.Namespace) -> int:
 
 
 def _add_reshard(sub: argparse._SubParsersAction) -> None:
-    from inference.reshard import DEFAULT_CACHE_DIR
+    cache_dir = config_module.DEFAULT_SHARDED_CACHE  # inference.reshard's default too
 
     p = sub.add_parser(
         "reshard",
@@ -152,10 +154,10 @@ def _add_reshard(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cache-dir",
-        default=DEFAULT_CACHE_DIR,
+        default=cache_dir,
         metavar="DIR",
         help="without --out, keep the split here, named by the model's SHA-256 and N, and reuse it "
-        f"(default {DEFAULT_CACHE_DIR})",
+        f"(default {cache_dir})",
     )
     p.set_defaults(func=_reshard)
 
@@ -175,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, default=0, help="compute threads (default: every usable core)")
     w.add_argument("--cache-dir", help="directory for llama.cpp's tensor cache (speeds up model reloads)")
     w.add_argument(
+        "--cache-max-size",
+        default="16G",
+        metavar="SIZE",
+        help="prune the tensor cache to this size at start, least recently used first (default 16G)",
+    )
+    w.add_argument(
         "--allow-remote",
         action="store_true",
         help="allow a non-loopback --host; RPC has no authentication, so firewall the port to the head",
@@ -184,7 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="load a GGUF model (optionally sharded over RPC workers) and serve it")
     s.add_argument("--model", required=True, help="path of the .gguf file")
     s.add_argument("--rpc", help="RPC workers as host:port,host:port")
-    s.add_argument("--split", default="layer", choices=config_module.SPLIT_MODES)
+    s.add_argument(
+        "--split",
+        default="layer",
+        choices=config_module.SPLIT_MODES,
+        help="layer: whole layers per device, one after another; experts: attention and router on this "
+        "host, every layer's experts cut into one slice per RPC worker, computed in parallel; tensor: "
+        "llama.cpp's tensor parallelism; none: this host alone (default layer)",
+    )
+    s.add_argument(
+        "--sharded-cache-dir",
+        default=config_module.DEFAULT_SHARDED_CACHE,
+        metavar="DIR",
+        help="where --split experts keeps the resharded model, keyed by the source's digest and the worker "
+        f"count (default {config_module.DEFAULT_SHARDED_CACHE})",
+    )
     s.add_argument("--tensor-split", help="relative share of the model per device, e.g. 1,1,2")
     s.add_argument("--ctx", type=int, default=32768, help="KV cache size in tokens, shared by --parallel")
     s.add_argument("--parallel", type=int, default=4, help="sequences decoded together")

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 
 from inference.worker import ConfigError, usable_cpus
 
-SPLIT_MODES = ("layer", "tensor", "none")
+SPLIT_MODES = ("layer", "tensor", "experts", "none")
+DEFAULT_SHARDED_CACHE = "~/.cache/llmfleet/sharded"
 FLASH_ATTN_MODES = ("auto", "on", "off")
 DEFAULT_PORT = 8080
 GGUF_MAGIC = b"GGUF"
@@ -136,6 +137,7 @@ class ServeConfig:
     retry_after: int = 5
     worker_probe_interval: float = 5.0
     rpc_timeout: float = 60.0
+    sharded_cache_dir: str = DEFAULT_SHARDED_CACHE
     api_key: str | None = field(default=None, repr=False)
 
     def validated(self) -> ServeConfig:
@@ -149,6 +151,10 @@ class ServeConfig:
             raise ConfigError(f"--split {self.split!r} is not one of {', '.join(SPLIT_MODES)}")
         if self.flash_attn not in FLASH_ATTN_MODES:
             raise ConfigError(f"--flash-attn {self.flash_attn!r} is not one of {', '.join(FLASH_ATTN_MODES)}")
+        if self.split == "experts" and not self.rpc:
+            raise ConfigError(
+                "--split experts puts each layer's experts on the RPC workers; give them with --rpc"
+            )
         if self.split == "tensor" and self.flash_attn == "off":
             raise ConfigError("--split tensor needs flash attention; drop --flash-attn off")
         if self.ctx < 64:
@@ -167,7 +173,9 @@ class ServeConfig:
                 f"--rpc-timeout {self.rpc_timeout} must be a positive number of seconds (default 60)"
             )
         if not self.worker_probe_interval > 0:
-            raise ConfigError(f"--worker-probe-interval {self.worker_probe_interval} must be a positive number")
+            raise ConfigError(
+                f"--worker-probe-interval {self.worker_probe_interval} must be a positive number"
+            )
         if self.queue_size < 0:
             raise ConfigError(f"--queue-size {self.queue_size} must be 0 or more")
         if not 1 <= self.ubatch <= self.batch:
@@ -198,6 +206,7 @@ class ServeConfig:
         return replace(
             self,
             model=str(path.resolve()),
+            sharded_cache_dir=str(pathlib.Path(self.sharded_cache_dir).expanduser()),
             threads=self.threads or usable_cpus(),
             api_key=api_key,
             model_alias=self.model_alias or path.name.removesuffix(".gguf"),

@@ -41,7 +41,7 @@ from inference.config import ServeConfig
 
 log = logging.getLogger("inference.engine")
 
-SPLIT_MODE_VALUES = {"none": 0, "layer": 1, "tensor": 3}
+SPLIT_MODE_VALUES = {"none": 0, "layer": 1, "tensor": 3, "experts": 1}
 FLASH_ATTN_VALUES = {"auto": -1, "off": 0, "on": 1}
 
 
@@ -165,6 +165,9 @@ class Engine:
         # Only RPC waits can hang: a local model has nothing to watch.
         self.watchdog = watchdog if config.rpc else None
         llama_cpp.llama_backend_init()
+        self.model_path = config.model
+        if config.split == "experts":
+            self.model_path = self._sharded_model()
         self.rpc_devices = []
         self.rpc_handles: list[tuple[str, int]] = []  # (endpoint, device handle)
         for endpoint in config.rpc:
@@ -189,6 +192,52 @@ class Engine:
         self.sequences: dict[int, _Sequence] = {}
         self.n_ctx_seq = config.ctx_per_sequence
 
+    def _sharded_model(self) -> str:
+        """The model with each layer's experts cut into one slice per RPC worker (made once, then cached)."""
+        from inference import reshard
+
+        def progress(line: str) -> None:
+            log.info("expert split: %s", line)
+
+        path = reshard.ensure_sharded(
+            self.config.model, len(self.config.rpc), self.config.sharded_cache_dir, progress
+        )
+        return str(path)
+
+    def _place_expert_slices(self, params) -> None:
+        """Expert split: slice k of every layer's experts on RPC device k; every other tensor on the head (its
+        GPUs when it has any, else its CPU), logits included."""
+        from inference import ggml
+
+        if len(self.rpc_handles) != len(self.config.rpc):
+            raise EngineError(
+                f"--split experts needs one device per RPC worker; the {len(self.config.rpc)} workers offer "
+                f"{len(self.rpc_handles)}"
+            )
+
+        class BuftOverride(ctypes.Structure):  # struct llama_model_tensor_buft_override (llama.h)
+            _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+        patterns = [rf"\.shard{k}\.weight$".encode() for k in range(len(self.rpc_handles))]
+        overrides = (BuftOverride * (len(patterns) + 1))()
+        for k, (pattern, (_, handle)) in enumerate(zip(patterns, self.rpc_handles, strict=True)):
+            overrides[k].pattern, overrides[k].buft = pattern, ggml.buffer_type(handle)
+        self._buft_overrides = overrides
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        local_gpus = [
+            d for d in ggml.devices() if d.kind in ("gpu", "igpu") and d.name not in self._rpc_names()
+        ]
+        if local_gpus:
+            # Layers go to the local GPUs alone: RPC devices (registered after them) get a zero share.
+            shares = [1.0] * len(local_gpus) + [0.0] * len(self.rpc_handles)
+            self._tensor_split = (ctypes.c_float * 128)(*shares)
+            params.tensor_split = self._tensor_split
+        else:
+            params.n_gpu_layers = 0
+
+    def _rpc_names(self) -> set[str]:
+        return {device.name for device in self.rpc_devices}
+
     def _load_model(self):
         lc, config = self.llama_cpp, self.config
         params = lc.llama_model_default_params()
@@ -197,6 +246,8 @@ class Engine:
         if config.tensor_split:
             self._tensor_split = (ctypes.c_float * 128)(*config.tensor_split)
             params.tensor_split = self._tensor_split
+        if config.split == "experts":
+            self._place_expert_slices(params)
         if config.experts_used is not None:
             arch = self._architecture()
             overrides = (lc.llama_model_kv_override * 2)()
@@ -214,15 +265,15 @@ class Engine:
 
             self._progress = lc.llama_progress_callback(progress)
             params.progress_callback = self._progress
-        model = lc.llama_model_load_from_file(config.model.encode(), params)
+        model = lc.llama_model_load_from_file(self.model_path.encode(), params)
         if not model:
-            raise EngineError(f"llama.cpp could not load {config.model}; its log above says why")
+            raise EngineError(f"llama.cpp could not load {self.model_path}; its log above says why")
         return model
 
     def _architecture(self) -> str:
         from gguf import GGUFReader
 
-        reader = GGUFReader(self.config.model)
+        reader = GGUFReader(self.model_path)
         field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
 
@@ -245,6 +296,15 @@ class Engine:
         if not ctx:
             raise EngineError("llama.cpp could not create a context; lower --ctx or --parallel")
         return ctx
+
+    def close(self) -> None:
+        """Free the context and the model and close the watched connections (the process may go on)."""
+        lc = self.llama_cpp
+        if self.connections is not None:
+            self.connections.close()
+        lc.llama_batch_free(self.batch)
+        lc.llama_free(self.ctx)
+        lc.llama_model_free(self.model)
 
     def _arm(self, what: str, ubatches: int = 1) -> None:
         if self.watchdog is not None:
@@ -520,6 +580,11 @@ class RpcConnections:
         for fd in self.endpoints:
             self._poll.register(fd, select.POLLRDHUP)
         self.missing = sorted(set(endpoints) - set(self.endpoints.values()))
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
 
     def register_in(self, poll: select.poll) -> None:
         for fd in self.endpoints:

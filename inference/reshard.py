@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inference.config import DEFAULT_SHARDED_CACHE
 from inference.synth import peak_rss_bytes
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 
-DEFAULT_CACHE_DIR = "~/.cache/llmfleet/sharded"
+DEFAULT_CACHE_DIR = DEFAULT_SHARDED_CACHE  # serve --sharded-cache-dir's default, so both find one cache
 # Bumped whenever reshard writes a different file for the same source, so stale cache entries are not used.
 FORMAT_VERSION = 1
 DIGESTS_FILE = "digests.json"

@@ -48,6 +48,6 @@ def test_the_series_lists_every_patch_once_and_each_has_a_header():
 
 
 def test_a_version_without_a_label_is_refused():
-    with pytest.raises(SystemExit, match=re.escape("0.3.36+llmfleet.1")):
+    with pytest.raises(SystemExit, match=re.escape("0.3.36+llmfleet.2")):
         build_wheel.label("0.3.36")
     assert build_wheel.label("0.3.36+llmfleet.2") == ("0.3.36", "llmfleet.2")

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Layer split against expert split on an emulated four-Pi cluster (docs/benchmarks.md, "Expert split"), on a
+# bare x86 machine of 16 or more cores with CMake, a C++ compiler and Python 3 with numpy, aiohttp, jinja2,
+# prometheus-client, pyyaml, requests and tqdm, and no network.
+#
+#   docs/cpu/pi-emulation-bench.sh drive SECONDS   start the pipeline if it is not running, wait for it at most
+#                                                 SECONDS, then copy what it has written to $OUT (if set)
+#   docs/cpu/pi-emulation-bench.sh pipeline        the pipeline itself, in the foreground
+#
+# Inputs, in $CARRY (default .gpu): llama.cpp-src.tar.gz (the llama.cpp of the llama-cpp-python 0.3.36 sdist
+# with inference/patches/llama.cpp applied), llama_cpp-py.tar.gz (that sdist's Python package) and whl/
+# (gguf, diskcache). Four workers of $WORKER_THREADS threads pinned to $PI_CPUS stand for the Pis, each behind
+# a relay that gives its link 940 Mbit/s and 0.15 ms one way (inference/netsim.py); the head runs on
+# $HEAD_CPUS with 4 threads. Work and results go to $W (default /tmp/w).
+set -u
+CARRY=${CARRY:-$PWD/.gpu}
+SRC=${SRC:-$PWD}
+W=${W:-/tmp/w}
+RES=$W/out
+MODEL=${MODEL:-$W/qwen3-30b-a3b-q4_0.gguf}
+BUILD=$W/llama.cpp/build
+BIN=$BUILD/bin
+PI_CPUS=${PI_CPUS:-0-2:3-5:6-8:9-11}
+WORKER_THREADS=${WORKER_THREADS:-3}
+HEAD_CPUS=${HEAD_CPUS:-12-15}
+PYTHON=${PYTHON:-python3}
+
+log() { echo "$(date +%T) $*" | tee -a "$RES/progress.log"; }
+
+build() {
+  [ -e "$BIN/libllama.so" ] && return 0
+  mkdir -p "$W" && tar xzf "$CARRY/llama.cpp-src.tar.gz" -C "$W"
+  local started=$SECONDS
+  cmake -S "$W/llama.cpp" -B "$BUILD" -DGGML_RPC=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DCMAKE_BUILD_TYPE=Release >"$RES/build.log" 2>&1 || return 1
+  cmake --build "$BUILD" --target llama -j "$(nproc)" >>"$RES/build.log" 2>&1 || return 1
+  log "build done in $((SECONDS - started)) s"
+}
+
+synth() {
+  [ -e "$MODEL" ] && return 0
+  local started=$SECONDS
+  $PYTHON -m inference synth-model --shape qwen3-30b-a3b --quant q4_0 --out "$MODEL" >"$RES/synth.log" 2>&1 ||
+    return 1
+  log "model written in $((SECONDS - started)) s: $(tail -1 "$RES/synth.log")"
+  started=$SECONDS
+  $PYTHON -m inference reshard --model "$MODEL" --workers 4 >"$RES/reshard.log" 2>&1 || return 1
+  log "resharded in $((SECONDS - started)) s: $(tail -1 "$RES/reshard.log")"
+}
+
+bench() { # NAME SECONDS ARGS...
+  local name=$1 limit=$2
+  shift 2
+  log "bench $name: $*"
+  timeout "$limit" taskset -c "$HEAD_CPUS" $PYTHON -m inference bench --model "$MODEL" --skip-llama-cpp-python \
+    --ready-timeout 600 --json "$RES/$name.json" "$@" >"$RES/$name.md" 2>"$RES/$name.err"
+  log "bench $name exited $?: $(grep -c clients "$RES/$name.err") measurements"
+  if [ -f "$LLMFLEET_CACHE/bench-logs/pids" ]; then
+    while read -r pid; do kill -9 -- "-$pid" 2>/dev/null; done <"$LLMFLEET_CACHE/bench-logs/pids"
+  fi
+  cp -r "$LLMFLEET_CACHE/bench-logs" "$RES/logs-$name" 2>/dev/null
+  rm -rf "$LLMFLEET_CACHE/bench-logs"
+}
+
+pipeline() {
+  mkdir -p "$RES"
+  export PYTHONPATH=$SRC:/tmp/site PYTHONUNBUFFERED=1 LLMFLEET_CACHE=$W/cache CUDA_VISIBLE_DEVICES=
+  log "pipeline start"
+  { lscpu; free -g; python3 --version; } >"$RES/machine.txt" 2>&1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$CARRY"/whl/*.whl
+  tar xzf "$CARRY/llama_cpp-py.tar.gz" -C /tmp/site
+  build || { log "build failed"; tail -30 "$RES/build.log" >>"$RES/progress.log"; return 1; }
+  export LLAMA_CPP_LIB_PATH=$BIN
+  ln -sfn "$BIN" /tmp/site/llama_cpp/lib
+  $PYTHON -c "from inference import ggml; print(ggml.devices())" >>"$RES/progress.log" 2>&1 ||
+    { log "the Python package cannot load the build"; return 1; }
+  synth || { log "model generation failed"; tail -5 "$RES/synth.log" "$RES/reshard.log" >>"$RES/progress.log"; return 1; }
+  # The reshard above filled the head's cache (~/.cache/llmfleet/sharded), so the experts run loads at once.
+  bench pi-emulation 1500 --threads 4 --ctx 4096 --parallel 4 --flash-attn on --clients 1,4 --requests 1 \
+    --max-tokens 48 --prompt-tokens 512 --rpc-splits layer,experts --rpc-workers 4 \
+    --rpc-worker-threads "$WORKER_THREADS" --rpc-worker-cpus "$PI_CPUS" --rpc-worker-device cpu \
+    --rpc-head-device cpu --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load
+  log "pipeline done"
+}
+
+collect() {
+  [ -n "${OUT:-}" ] || return 0
+  tar czf "$OUT/results.tar.gz" -C "$W" out 2>/dev/null
+  for f in progress.log pi-emulation.md pi-emulation.err reshard.log; do
+    [ -e "$RES/$f" ] && cp "$RES/$f" "$OUT/"
+  done
+}
+
+case "${1:-}" in
+  pipeline) pipeline ;;
+  drive)
+    limit=${2:-540}
+    mkdir -p "$RES"
+    if [ ! -e "$W/pipeline.pid" ]; then
+      setsid bash "$0" pipeline >"$W/pipeline.out" 2>&1 </dev/null &
+      echo $! >"$W/pipeline.pid"
+      echo "pipeline started"
+    fi
+    pid=$(cat "$W/pipeline.pid")
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt "$limit" ]; do sleep 5; done
+    kill -0 "$pid" 2>/dev/null && echo "pipeline still running" || echo "pipeline finished"
+    tail -25 "$RES/progress.log"
+    collect
+    ;;
+  *) sed -n 2,14p "$0"; exit 2 ;;
+esac
