@@ -24,7 +24,7 @@ from inference import engine as engine_module
 from inference.config import ServeConfig, split_endpoint
 from inference.engine import SamplingParams
 from inference.metrics import Metrics
-from inference.worker import rpc_hello
+from inference.worker import rpc_hello, version_problem
 
 log = logging.getLogger("inference.supervisor")
 
@@ -381,7 +381,10 @@ class Supervisor:
         except OSError as exc:
             worker.up, worker.detail = False, exc.strerror or str(exc)
         else:
-            worker.up, worker.detail, worker.version = True, "", "{}.{}.{}".format(*version)
+            worker.version = "{}.{}.{}".format(*version)
+            problem = version_problem(worker.endpoint, version)
+            # A worker of another build is a configuration error: an engine would abort on it, so none starts.
+            worker.up, worker.detail = problem is None, problem or ""
         self.metrics.worker_up.labels(worker.endpoint).set(1 if worker.up else 0)
 
     async def _watch_workers(self) -> None:

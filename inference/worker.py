@@ -23,6 +23,9 @@ log = logging.getLogger("inference.worker")
 
 DEFAULT_PORT = 50052
 RPC_CMD_HELLO = 14
+# RPC_PROTO_{MAJOR,MINOR,PATCH}_VERSION of the llama.cpp this package is built against (ggml-rpc.h), which
+# the head speaks; a unit test checks it against a worker of the installed build.
+RPC_PROTOCOL = (7, 0, 0)
 # rpc_msg_hello_req carries a 24-byte transport capability block; the reply is major, minor, patch, pad, caps.
 RPC_CONN_CAPS_SIZE = 24
 
@@ -236,6 +239,19 @@ def prune_cache(cache_dir: str, max_bytes: int) -> PruneResult:
             os.unlink(path)
         removed, removed_bytes = removed + 1, removed_bytes + size
     return PruneResult(kept, kept_bytes, removed, removed_bytes, partial)
+
+
+def version_problem(endpoint: str, version: tuple[int, int, int]) -> str | None:
+    """Why this head cannot use a worker speaking ``version``, by ggml's rule (the client aborts on another
+    major version or a newer minor one), naming both versions; None when it can."""
+    major, minor = RPC_PROTOCOL[:2]
+    if version[0] == major and version[1] <= minor:
+        return None
+    theirs, ours = ".".join(map(str, version)), ".".join(map(str, RPC_PROTOCOL))
+    return (
+        f"RPC worker {endpoint} speaks protocol {theirs} and this head {ours}: ggml refuses it; install the "
+        "head's llama-cpp-python build on the worker (the same wheelhouse)"
+    )
 
 
 def _announce_version(config: WorkerConfig) -> None:

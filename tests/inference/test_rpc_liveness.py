@@ -148,3 +148,37 @@ def test_liveness_options_must_be_positive(tiny_model, option, tmp_path):
     assert proc.popen.wait(30) != 0
     proc.stop()
     assert option in proc.output()
+
+
+def test_the_head_speaks_the_protocol_version_it_compares_against(tmp_path, procs):
+    from inference.worker import RPC_PROTOCOL, rpc_hello
+
+    worker = procs(Worker, tmp_path)
+    assert rpc_hello("127.0.0.1", worker.port) == RPC_PROTOCOL
+
+
+@pytest.mark.parametrize("version", [(7, 1, 0), (8, 0, 0), (6, 0, 0)])
+def test_a_worker_of_another_build_is_refused_by_name_without_starting_an_engine(
+    tiny_model, version, tmp_path
+):
+    from inference.worker import RPC_PROTOCOL
+    from tests.modules.fakerpc import FakeRpcServer
+
+    fake = FakeRpcServer(version=version)
+    endpoint = f"127.0.0.1:{fake.port}"
+    server = Server(tmp_path, tiny_model, "--rpc", endpoint, wait=False)
+    try:
+        health = _wait(
+            lambda: (h := server.health()) and h["status"] == "degraded" and h["workers"][0]["detail"] and h,
+            60,
+            "the worker refused",
+        )
+        detail = health["workers"][0]["detail"]
+        assert endpoint in detail and "{}.{}.{}".format(*version) in detail
+        assert "{}.{}.{}".format(*RPC_PROTOCOL) in detail
+        assert endpoint in health["detail"]
+        time.sleep(2)  # a recovery round later, still no engine
+        assert "engine process" not in server.output()
+    finally:
+        server.stop()
+        fake.sock.close()
