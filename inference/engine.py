@@ -550,6 +550,7 @@ class RpcConnections:
 
     def __init__(self, endpoints: tuple[str, ...]):
         from inference.config import split_endpoint
+        from inference.worker import process_tcp_sockets
 
         wanted: dict[tuple[str, int], str] = {}
         for endpoint in endpoints:
@@ -559,15 +560,9 @@ class RpcConnections:
                     wanted[(address[0], port)] = endpoint
         self.endpoints: dict[int, str] = {}
         self._sockets: list[socket.socket] = []
-        for name in os.listdir("/proc/self/fd"):
+        for sock in process_tcp_sockets():
             try:
-                if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                    continue
-                sock = socket.socket(fileno=os.dup(int(name)))
-            except OSError:
-                continue
-            try:
-                peer = sock.getpeername() if sock.family in (socket.AF_INET, socket.AF_INET6) else None
+                peer = sock.getpeername()
             except OSError:
                 peer = None
             endpoint = wanted.get((peer[0], peer[1])) if peer else None

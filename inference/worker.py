@@ -162,8 +162,9 @@ KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
 USER_TIMEOUT_MS = 30_000
 
 
-def listening_sockets(port: int) -> list[socket.socket]:
-    """This process's listening TCP sockets on ``port`` (duplicates of their descriptors; close them)."""
+def process_tcp_sockets() -> list[socket.socket]:
+    """This process's TCP sockets, as duplicates of their descriptors (the caller closes them). For sockets
+    that ggml's C code opened, which Python has no other handle on."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -172,11 +173,20 @@ def listening_sockets(port: int) -> list[socket.socket]:
             sock = socket.socket(fileno=os.dup(int(name)))
         except OSError:
             continue
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            found.append(sock)
+        else:
+            sock.close()
+    return found
+
+
+def listening_sockets(port: int) -> list[socket.socket]:
+    """This process's listening TCP sockets on ``port`` (duplicates of their descriptors; close them)."""
+    found = []
+    for sock in process_tcp_sockets():
         try:
             listening = (
-                sock.family in (socket.AF_INET, socket.AF_INET6)
-                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                and sock.getsockname()[1] == port
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and sock.getsockname()[1] == port
             )
         except OSError:
             listening = False
