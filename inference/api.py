@@ -190,6 +190,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
 
+    def __reduce__(self):
+        # Whole, from the process that prepares a large request (see server._Preparer).
+        return type(self), (self.status, self.message, self.param, self.code, self.kind, self.headers)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 

@@ -71,6 +71,10 @@ def _serve(args: argparse.Namespace) -> int:
         rpc_timeout=args.rpc_timeout,
         sharded_cache_dir=args.sharded_cache_dir,
         worker_probe_interval=args.worker_probe_interval,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        max_connections=args.max_connections,
     ).validated()
     asyncio.run(server.serve(config))
     return 0
@@ -251,6 +255,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="SECONDS",
         help="how often an idle engine checks that its RPC workers answer (default 5)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=float,
+        default=config_module.DEFAULT_HEADER_TIMEOUT,
+        metavar="SECONDS",
+        help="a connection must send a whole request line and headers within this time of opening (or, "
+        "when kept alive, of the request's first byte), else it is closed "
+        f"(default {config_module.DEFAULT_HEADER_TIMEOUT:g})",
+    )
+    s.add_argument(
+        "--body-timeout",
+        type=float,
+        default=config_module.DEFAULT_BODY_TIMEOUT,
+        metavar="SECONDS",
+        help="a request's body must arrive within this time of its headers, else the answer is 408 and "
+        f"the connection is closed (default {config_module.DEFAULT_BODY_TIMEOUT:g})",
+    )
+    s.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=config_module.DEFAULT_KEEPALIVE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a kept-alive connection that sends no new request within this time of the last "
+        f"response (default {config_module.DEFAULT_KEEPALIVE_TIMEOUT:g})",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=config_module.DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections served at once; a further one gets 503 with Retry-After and is closed "
+        f"(default {config_module.DEFAULT_MAX_CONNECTIONS})",
     )
     s.set_defaults(func=_serve)
 

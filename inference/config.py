@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 import socket
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,10 @@ FLASH_ATTN_MODES = ("auto", "on", "off")
 DEFAULT_PORT = 8080
 GGUF_MAGIC = b"GGUF"
 MAX_PARALLEL = 64
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_KEEPALIVE_TIMEOUT = 15.0
+DEFAULT_MAX_CONNECTIONS = 512
 
 
 def rpc_endpoint(item: str) -> tuple[str, int]:
@@ -138,6 +143,10 @@ class ServeConfig:
     worker_probe_interval: float = 5.0
     rpc_timeout: float = 60.0
     sharded_cache_dir: str = DEFAULT_SHARDED_CACHE
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # request line and headers, from connect or first byte
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # a request's body, from the end of its headers
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT  # idle between requests on one connection
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     api_key: str | None = field(default=None, repr=False)
 
     def validated(self) -> ServeConfig:
@@ -175,6 +184,19 @@ class ServeConfig:
         if not self.worker_probe_interval > 0:
             raise ConfigError(
                 f"--worker-probe-interval {self.worker_probe_interval} must be a positive number"
+            )
+        for option, seconds, default in (
+            ("--header-timeout", self.header_timeout, DEFAULT_HEADER_TIMEOUT),
+            ("--body-timeout", self.body_timeout, DEFAULT_BODY_TIMEOUT),
+            ("--keepalive-timeout", self.keepalive_timeout, DEFAULT_KEEPALIVE_TIMEOUT),
+        ):
+            if not 0 < seconds < math.inf:
+                raise ConfigError(
+                    f"{option} {seconds} must be a positive number of seconds (default {default:g})"
+                )
+        if self.max_connections < 1:
+            raise ConfigError(
+                f"--max-connections {self.max_connections} must be at least 1 (default {DEFAULT_MAX_CONNECTIONS})"
             )
         if self.queue_size < 0:
             raise ConfigError(f"--queue-size {self.queue_size} must be 0 or more")

@@ -11,10 +11,17 @@ import contextlib
 import hmac
 import json
 import logging
+import multiprocessing
+import os
 import signal
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from aiohttp import HttpVersion11, web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from inference import api
@@ -27,6 +34,20 @@ from inference.tokenizer import TemplateError, TextStream, Tokenizer
 log = logging.getLogger("inference.server")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# A body up to this size is decoded, checked, rendered and tokenized on the event loop (a few milliseconds);
+# a larger one in a preparer process (see _Preparer), since a few MiB take seconds and would stall every
+# other connection, /health included. Handing a small body over would cost more than preparing it.
+PREPARE_INLINE_BYTES = 4096
+PREPARE_PROCESSES = 2
+# How long aiohttp may read and drop the rest of a body that a handler did not read (its default), at most
+# --body-timeout.
+LINGERING_SECONDS = 10.0
+# How long a connection refused over --max-connections is read from, so that the kernel does not answer the
+# unread request with a reset, which could lose the 503 before the client reads it.
+REFUSED_LINGER_SECONDS = 1.0
+REFUSED_WARNING_INTERVAL = 60.0
+# A connection whose headers are overdue is closed within a quarter of --header-timeout (and a second).
+SWEEPS_PER_HEADER_TIMEOUT = 4
 CORS_DEFAULT_HEADERS = "Authorization, Content-Type"
 CORS_MAX_AGE = 600
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
@@ -50,6 +71,8 @@ async def errors_and_metrics(request: web.Request, handler):
             response = await handler(request)
     except ApiError as exc:
         response = _json(exc.status, exc.body(), exc.headers)
+        if exc.status == 408:
+            await _answer_and_close(request, response)
     except web.HTTPException as exc:
         kind = "invalid_request_error"
         message = {404: "no such endpoint", 405: "method not allowed for this endpoint"}.get(
@@ -81,6 +104,15 @@ async def errors_and_metrics(request: web.Request, handler):
         )
     metrics.requests.labels(endpoint, str(response.status)).inc()
     return response
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """Sends the answer and closes the connection: what is left of a body that came too slowly is not waited
+    for, as aiohttp would otherwise linger reading it."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
 
 
 def _allowed_methods(request: web.Request, exc: web.HTTPMethodNotAllowed) -> list[str]:
@@ -156,9 +188,26 @@ def _check_key(request: web.Request) -> None:
         )
 
 
-async def _read_json(request: web.Request):
+async def _read_body(request: web.Request) -> bytes:
+    """The body, which must arrive whole within --body-timeout of the request's headers."""
+    if request.content.is_eof():  # the whole body came with the headers
+        return await request.read()
+    timeout = request.app[CONFIG].body_timeout
     try:
-        return await request.json(loads=json.loads)
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout:g} s (the server's --body-timeout); "
+            "send the body with the headers",
+            code="body_timeout",
+        ) from None
+
+
+def _decode_json(raw: bytes, charset: str | None):
+    try:
+        return json.loads(raw.decode(charset or "utf-8"))
     except json.JSONDecodeError as exc:
         raise api.invalid(
             "body", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
@@ -216,48 +265,93 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+Prepared = tuple[GenerationRequest, list[int]]
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     _check_key(request)
-    tokenizer = request.app[TOKENIZER]
-    body = await _read_json(request)
-    req = api.parse_completion(body, request.app[CONFIG].model_alias, tokenizer.n_vocab)
-    tokens = req.prompt_tokens if req.prompt_tokens is not None else tokenizer.tokenize(req.prompt_text)
+    req, tokens = await _prepare(request, _prepare_completion)
     return await _generate(request, req, tokens, "prompt")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     _check_key(request)
-    tokenizer = request.app[TOKENIZER]
-    body = await _read_json(request)
-    req, messages = api.parse_chat(body, request.app[CONFIG].model_alias)
+    req, tokens = await _prepare(request, _prepare_chat)
+    return await _generate(request, req, tokens, "messages")
+
+
+async def _prepare(request: web.Request, prepare: Callable[..., Prepared]) -> Prepared:
+    """The request and its prompt's tokens, from the body: see PREPARE_INLINE_BYTES for where the work runs."""
+    raw = await _read_body(request)
+    app = request.app
+    if len(raw) <= PREPARE_INLINE_BYTES:
+        return prepare(app[CONFIG], app[TOKENIZER], raw, request.charset)
+    return await app[PREPARER].run(prepare, raw, request.charset)
+
+
+def _prepare_completion(
+    config: ServeConfig, tokenizer: Tokenizer, raw: bytes, charset: str | None
+) -> Prepared:
+    req = api.parse_completion(_decode_json(raw, charset), config.model_alias, tokenizer.n_vocab)
+    if req.prompt_tokens is not None:
+        tokens = req.prompt_tokens
+    else:
+        _check_room(config, req, tokenizer.min_tokens(req.prompt_text), "prompt", at_least=True)
+        tokens = tokenizer.tokenize(req.prompt_text)
+    _check_prompt(config, req, tokens, "prompt")
+    return req, tokens
+
+
+def _prepare_chat(config: ServeConfig, tokenizer: Tokenizer, raw: bytes, charset: str | None) -> Prepared:
+    req, messages = api.parse_chat(_decode_json(raw, charset), config.model_alias)
     try:
         text = tokenizer.render_chat(messages, **req.template_kwargs)
     except TemplateError as exc:
         raise api.invalid("messages", str(exc)) from exc
+    _check_room(config, req, tokenizer.min_tokens(text), "messages", at_least=True)
     tokens = tokenizer.tokenize(text, add_special=False)
-    return await _generate(request, req, tokens, "messages")
+    _check_prompt(config, req, tokens, "messages")
+    return req, tokens
 
 
-async def _generate(request: web.Request, req: GenerationRequest, tokens: list[int], prompt_field: str):
-    config = request.app[CONFIG]
-    limit = config.ctx_per_sequence
+def _check_prompt(config: ServeConfig, req: GenerationRequest, tokens: list[int], prompt_field: str) -> None:
     if not tokens:
         raise api.invalid(prompt_field, "the prompt is empty")
-    if len(tokens) >= limit:
+    _check_room(config, req, len(tokens), prompt_field)
+
+
+def _check_room(
+    config: ServeConfig, req: GenerationRequest, prompt_n: int, prompt_field: str, at_least: bool = False
+) -> None:
+    """Refuses a prompt of ``prompt_n`` tokens that leaves no room for itself and max_tokens in a sequence's
+    context. With ``at_least``, ``prompt_n`` is Tokenizer.min_tokens, a bound known before tokenizing, so
+    that a prompt that cannot fit is refused without the cost of tokenizing it."""
+    if at_least and not prompt_n:
+        return
+    limit = config.ctx_per_sequence
+    count = f"at least {prompt_n}" if at_least else str(prompt_n)
+    prompt = f"prompt of at least {prompt_n} tokens" if at_least else f"{prompt_n}-token prompt"
+    if prompt_n >= limit:
         raise api.invalid(
             prompt_field,
-            f"the prompt has {len(tokens)} tokens; the context per sequence is {limit} "
+            f"the prompt has {count} tokens; the context per sequence is {limit} "
             f"(--ctx {config.ctx} / --parallel {config.parallel}); shorten the prompt",
             code="context_length_exceeded",
         )
-    room = limit - len(tokens)
+    room = limit - prompt_n
     if req.max_tokens is not None and req.max_tokens > room:
         raise api.invalid(
             req.max_tokens_field,
-            f"{req.max_tokens} tokens plus the {len(tokens)}-token prompt exceed the {limit}-token context "
-            f"per sequence; ask for at most {room}",
+            f"{req.max_tokens} tokens plus the {prompt} exceed the {limit}-token context "
+            f"per sequence; ask for at most {room}" + (" (fewer if the prompt has more)" if at_least else ""),
             code="context_length_exceeded",
         )
+
+
+async def _generate(request: web.Request, req: GenerationRequest, tokens: list[int], prompt_field: str):
+    """Runs a prepared request, whose prompt fits (see _check_prompt)."""
+    config = request.app[CONFIG]
+    room = config.ctx_per_sequence - len(tokens)
     supervisor = request.app[SUPERVISOR]
     kind = _EventStream if req.stream else _Collected
     output = kind(request.app[TOKENIZER], req, len(tokens))
@@ -437,14 +531,231 @@ async def _stream(request: web.Request, req: GenerationRequest, output: _EventSt
     return response
 
 
+class _Preparer:
+    """Processes that turn large bodies into requests and their prompts' tokens (_prepare_completion and
+    _prepare_chat, run in a preparer process), answering only what fits a sequence's context, or an ApiError.
+
+    Processes, not threads: tokenizing (ctypes) and the chat template (bytecode) would give the event loop
+    its turn from a thread, but CPython's JSON decoder holds the GIL for a whole body, and 8 MiB of small
+    values (a long list of token ids; [[], [], ...]) hold it for up to seconds.
+    """
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(
+            PREPARE_PROCESSES,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_preparer_init,
+            initargs=(self.config, os.getpid()),
+        )
+        for _ in range(PREPARE_PROCESSES):
+            pool.submit(os.getpid)  # starts the processes now rather than at the first large request
+        return pool
+
+    async def run(self, prepare: Callable[..., Prepared], raw: bytes, charset: str | None) -> Prepared:
+        pool = self.pool
+        try:
+            return await asyncio.wrap_future(pool.submit(_prepare_in_preparer, prepare, raw, charset))
+        except BrokenProcessPool as exc:
+            if pool is self.pool:
+                log.error("a request preparer process died; starting new ones")
+                self.pool = self._start()
+                pool.shutdown(wait=False)
+            raise ApiError(
+                503,
+                "the process preparing this request died; retry it",
+                kind="server_error",
+                code="preparer_failed",
+                headers={"Retry-After": str(self.config.retry_after)},
+            ) from exc
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+_preparer_state: tuple[ServeConfig, Tokenizer] | None = None  # in a preparer process
+
+
+def _preparer_init(config: ServeConfig, parent: int) -> None:
+    global _preparer_state
+    _preparer_state = (config, Tokenizer(config.model))
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
+
+
+def _exit_with(parent: int) -> None:
+    """A pool's process waits for work on a queue whose writing end it holds too, so it would outlive a head
+    killed outright: it watches for that itself."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _prepare_in_preparer(prepare: Callable[..., Prepared], raw: bytes, charset: str | None) -> Prepared:
+    config, tokenizer = _preparer_state
+    return prepare(config, tokenizer, raw, charset)
+
+
+PREPARER = web.AppKey("preparer", _Preparer)
+
+
+class Connections:
+    """The open connections of one listener, with the deadlines and the bound that aiohttp lacks.
+
+    aiohttp closes a connection that holds no whole request keepalive_timeout after it opened or after its
+    last response (RequestHandler._process_keepalive), which bounds idle keep-alive; but it has no deadline
+    for a request's line and headers, none for its body, and no bound on connections. So:
+
+    - the listener's protocol factory (``protocol_factory``) wraps each of aiohttp's RequestHandlers in a
+      _Watched, which notes when its headers are due: header_timeout after the connection opened, or after
+      the first byte of a later request on it (bytes that follow do not push that back);
+    - ``middleware`` marks a connection in a request from the moment the request reaches the application
+      until its handler returns, so a stream, or a long generation answered at its end, is never cut;
+    - a sweep over the open connections, SWEEPS_PER_HEADER_TIMEOUT times per header_timeout (and at least
+      every second) while any is open, closes those whose headers are overdue: this costs a request two
+      assignments, where a timer per connection would be armed and cancelled for every request;
+    - the body's deadline is an asyncio.timeout around reading it (_read_body), answered with a 408;
+    - past max_connections a new connection gets a fixed 503 (_Refused) and is closed.
+    """
+
+    def __init__(self, config: ServeConfig):
+        self.header_timeout = config.header_timeout
+        self.max_connections = config.max_connections
+        self.refusal = _refusal(config)
+        self.open: dict[RequestHandler, _Watched] = {}  # by aiohttp's handler, which request.protocol is
+        self.sweep_interval = min(1.0, self.header_timeout / SWEEPS_PER_HEADER_TIMEOUT)
+        self.sweeping: asyncio.TimerHandle | None = None
+        self.warned_at = -REFUSED_WARNING_INTERVAL
+
+    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        def protocol() -> asyncio.Protocol:
+            if len(self.open) >= self.max_connections:
+                now = time.monotonic()
+                if now - self.warned_at >= REFUSED_WARNING_INTERVAL:
+                    self.warned_at = now
+                    log.warning("%d connections are open (--max-connections): refusing more", len(self.open))
+                return _Refused(self.refusal, min(REFUSED_LINGER_SECONDS, self.header_timeout))
+            return _Watched(self, server())
+
+        return protocol
+
+    def opened(self, watched: _Watched) -> None:
+        self.open[watched.handler] = watched
+        if self.sweeping is None:
+            self.sweeping = watched.loop.call_later(self.sweep_interval, self._sweep, watched.loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for watched in list(self.open.values()):
+            if watched.headers_due is not None and watched.headers_due <= now:
+                log.debug("closing a connection whose request headers are late (--header-timeout)")
+                watched.headers_due = None
+                watched.handler.force_close()
+        self.sweeping = loop.call_later(self.sweep_interval, self._sweep, loop) if self.open else None
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):
+        watched = self.open.get(request.protocol)
+        if watched is None:  # served by another listener
+            return await handler(request)
+        watched.in_request, watched.headers_due = True, None
+        try:
+            return await handler(request)
+        finally:
+            watched.in_request = False  # the next request's headers are due after its first byte
+
+
+class _Watched(asyncio.Protocol):
+    """aiohttp's protocol of one connection, with the time its request's headers are due (see Connections)."""
+
+    def __init__(self, connections: Connections, handler: RequestHandler):
+        self.connections, self.handler = connections, handler
+        self.loop = asyncio.get_running_loop()
+        self.in_request = False
+        self.headers_due: float | None = self.loop.time() + connections.header_timeout
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connections.opened(self)
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.headers_due is None and not self.in_request:
+            self.headers_due = self.loop.time() + self.connections.header_timeout
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.open.pop(self.handler, None)
+        self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over --max-connections: answered at once with a 503, then closed."""
+
+    def __init__(self, answer: bytes, linger: float):
+        self.answer, self.linger = answer, linger
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.answer)
+        transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(self.linger, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is read and dropped: see REFUSED_LINGER_SECONDS
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+CONNECTIONS = web.AppKey("connections", Connections)
+
+
+def _refusal(config: ServeConfig) -> bytes:
+    error = ApiError(
+        503,
+        f"the server has {config.max_connections} open connections, its --max-connections; retry later",
+        kind="server_error",
+        code="too_many_connections",
+    )
+    body = json.dumps(error.body()).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {config.retry_after}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 def build_app(config: ServeConfig, registry: CollectorRegistry | None = None) -> web.Application:
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=MAX_BODY_BYTES)
+    connections = Connections(config)
+    app = web.Application(
+        middlewares=[connections.middleware, errors_and_metrics], client_max_size=MAX_BODY_BYTES
+    )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[CONNECTIONS] = connections
     app[TOKENIZER] = Tokenizer(config.model)
     app[SUPERVISOR] = Supervisor(config, metrics)
+    app[PREPARER] = _Preparer(config)
     app["started"] = time.time()
     app.on_response_prepare.append(_add_cors_headers)
     app.router.add_get("/v1/models", models)
@@ -459,6 +770,7 @@ def build_app(config: ServeConfig, registry: CollectorRegistry | None = None) ->
         await app[SUPERVISOR].start()
         yield
         await app[SUPERVISOR].close()
+        app[PREPARER].close()
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -466,24 +778,38 @@ def build_app(config: ServeConfig, registry: CollectorRegistry | None = None) ->
 
 def metrics_app(app: web.Application) -> web.Application:
     """A second listener for /metrics alone, for a scrape port that the firewall opens to monitoring only."""
-    side = web.Application()
+    connections = Connections(app[CONFIG])
+    side = web.Application(middlewares=[connections.middleware])
+    side[CONFIG] = app[CONFIG]
     side[METRICS] = app[METRICS]
+    side[CONNECTIONS] = connections
     side.router.add_get("/metrics", metrics_endpoint)
     return side
 
 
+async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, asyncio.Server]:
+    """Serves the app on host:port. The listening socket is opened here rather than by web.TCPSite, whose
+    protocol factory is aiohttp's alone, so that the app's Connections sees every connection."""
+    config = app[CONFIG]
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        keepalive_timeout=config.keepalive_timeout,
+        lingering_time=min(LINGERING_SECONDS, config.body_timeout),
+    )
+    await runner.setup()
+    factory = app[CONNECTIONS].protocol_factory(runner.server)
+    listener = await asyncio.get_running_loop().create_server(factory, host, port, backlog=128)
+    return runner, listener
+
+
 async def serve(config: ServeConfig) -> None:
     app = build_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
-    runners = [runner]
+    served = [await _listen(app, config.host, config.port)]
     if config.metrics_port is not None:
-        side = web.AppRunner(metrics_app(app), access_log=None)
-        await side.setup()
-        await web.TCPSite(side, config.host, config.metrics_port).start()
-        runners.append(side)
+        served.append(await _listen(metrics_app(app), config.host, config.metrics_port))
     log.info("serving %s on http://%s:%d", config.model_alias, config.host, config.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -491,5 +817,6 @@ async def serve(config: ServeConfig) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    for r in reversed(runners):
-        await r.cleanup()
+    for runner, listener in reversed(served):
+        listener.close()
+        await runner.cleanup()

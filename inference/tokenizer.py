@@ -57,6 +57,7 @@ class Tokenizer:
         self._pieces: dict[int, bytes] = {}
         self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self.vocab))
+        self.longest_piece = self._longest_piece()
         source = self.metadata("tokenizer.chat_template") or CHATML_TEMPLATE
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
         env.globals["raise_exception"] = _raise_exception
@@ -67,6 +68,29 @@ class Tokenizer:
         if token < 0:
             return ""
         return self.piece(token, special=True).decode("utf-8", "replace")
+
+    def _longest_piece(self) -> int:
+        """The most bytes of text one token stands for, special tokens included; 0 where text may vanish in
+        tokenizing (WPM and UGM normalise it; a token with lstrip or rstrip swallows the spaces beside it),
+        so that no token count follows from a text's length."""
+        lc = self.lc
+        kinds = (lc.LLAMA_VOCAB_TYPE_BPE, lc.LLAMA_VOCAB_TYPE_SPM, lc.LLAMA_VOCAB_TYPE_RWKV)
+        if lc.llama_vocab_type(self.vocab) not in kinds:
+            return 0
+        strips = lc.LLAMA_TOKEN_ATTR_LSTRIP | lc.LLAMA_TOKEN_ATTR_RSTRIP
+        longest = 0
+        for token in range(self.n_vocab):
+            if lc.llama_vocab_get_attr(self.vocab, token) & strips:
+                return 0
+            longest = max(longest, len(self.piece(token, special=True)))
+        return longest
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound of ``len(self.tokenize(text))`` that costs no tokenizing: every byte of the text's
+        UTF-8 is in one token's piece, and no piece is longer than ``longest_piece`` bytes."""
+        if not self.longest_piece:
+            return 0
+        return -(-len(text.encode("utf-8")) // self.longest_piece)
 
     def metadata(self, key: str) -> str | None:
         size = 1 << 20
