@@ -403,11 +403,7 @@ class Engine:
         if n == 0:
             return []
         batch.n_tokens = n
-        if self.watchdog is not None:
-            ubatch = self.config.ubatch
-            self.watchdog.arm(
-                self.config.rpc_timeout * -(-n // ubatch), f"a decode step of {n} tokens on the RPC workers"
-            )
+        self._arm(f"a decode step of {n} tokens on the RPC workers", ubatches=-(-n // self.config.ubatch))
         status = lc.llama_decode(self.ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}")
@@ -432,8 +428,7 @@ class Engine:
                 self.release(seq.request_id)
             else:
                 seq.pending.append(new_token)
-        if self.watchdog is not None:
-            self.watchdog.disarm()
+        self._disarm()
         return results
 
     def _choose(self, seq: _Sequence, index: int) -> int:
@@ -572,8 +567,7 @@ class RpcConnections:
             self._sockets.append(sock)
             self.endpoints[sock.fileno()] = endpoint
         self._poll = select.poll()
-        for fd in self.endpoints:
-            self._poll.register(fd, select.POLLRDHUP)
+        self.register_in(self._poll)
         self.missing = sorted(set(endpoints) - set(self.endpoints.values()))
 
     def close(self) -> None:

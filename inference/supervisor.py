@@ -299,12 +299,10 @@ class Supervisor:
         await self._probe_all()
         lost = self._down()
         if lost:
-            details = ", ".join(
-                f"{w.endpoint} ({w.detail})" if w.detail else w.endpoint
-                for w in self.workers.values()
-                if not w.up
+            reason = (
+                f"lost RPC worker {self._down_with_reasons()}; the engine restarts once it answers again "
+                f"({cause})"
             )
-            reason = f"lost RPC worker {details}; the engine restarts once it answers again ({cause})"
         elif self._failed_starts:
             reason = f"the engine failed to start: {cause}"
         else:
@@ -346,11 +344,7 @@ class Supervisor:
                 await self._probe_all()
                 down = self._down()
                 if down:
-                    self.detail = "waiting for RPC workers: " + ", ".join(
-                        f"{w.endpoint} ({w.detail})" if w.detail else w.endpoint
-                        for w in self.workers.values()
-                        if not w.up
-                    )
+                    self.detail = "waiting for RPC workers: " + self._down_with_reasons()
                     if self._failed_starts:
                         self.detail += f"; the last engine failed: {failure}"
                     continue
@@ -364,6 +358,14 @@ class Supervisor:
 
     def _down(self) -> list[str]:
         return [w.endpoint for w in self.workers.values() if not w.up]
+
+    def _down_with_reasons(self) -> str:
+        """``endpoint (why), ...`` of the workers that are down."""
+        return ", ".join(
+            f"{w.endpoint} ({w.detail})" if w.detail else w.endpoint
+            for w in self.workers.values()
+            if not w.up
+        )
 
     async def _probe_all(self) -> None:
         await asyncio.gather(*(self._probe_hello(w) for w in self.workers.values()))
