@@ -37,28 +37,62 @@ ENDPOINT_PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions
 
 
 @dataclass(frozen=True)
+class Limit:
+    """Values of an honoured field that OpenAI's API takes and this server answers with a 400.
+
+    ``values`` says which, for README; ``note`` is in the error's message (what to do instead); ``example``
+    is a request fragment with such a value, which the tests check OpenAI's request schema accepts and this
+    server refuses.
+    """
+
+    values: str
+    note: str
+    example: dict
+
+
+@dataclass(frozen=True)
 class Field:
     """What the server does with one request field.
 
     A refused field is refused only when its value asks for something: null and the ``inert`` values (such as
     ``n: 1``) are accepted, so that clients sending defaults are not turned away. For a refused field ``note``
-    is the error message (what to do instead); for an ignored one, why ignoring it loses nothing.
+    is the error message (what to do instead); for an ignored one, why ignoring it loses nothing. An honoured
+    field's ``limits`` are the values it refuses although OpenAI's API takes them.
     """
 
     status: str
     endpoints: tuple[str, ...]
     note: str
     inert: tuple = ()
+    limits: tuple[Limit, ...] = ()
 
 
 _NO_TOOLS = "tool calling is not supported by this server; describe tools in a message and parse the reply"
+_NO_ZERO_TOKENS = "at least one token is generated per request; ask for 1 or more"
+_ONE_PROMPT = "one prompt per request is supported; send a request for each prompt"
+_NO_PROMPT = "required; give the text to complete, as a string or a list of token ids"
+EMPTY_PROMPT = "the prompt makes no tokens; give some text to complete"
+_NO_FUNCTION_ROLE = "the function role is not supported; send a function's result as a tool message"
+_ONLY_TEXT = 'only text parts ({"type": "text", "text": ...}) are supported by this server; send text'
+_TOKENS_DISAGREE = "send only max_completion_tokens (max_tokens is its older name)"
 REQUEST_FIELDS: dict[str, Field] = {
     # Both endpoints.
     "model": Field(
         HONOURED, BOTH, "The served model's id (`--alias`, default the file name); another is a 404."
     ),
     "stream": Field(HONOURED, BOTH, "Server-sent events, ending with `data: [DONE]`."),
-    "stream_options": Field(HONOURED, BOTH, "Only with `stream: true`."),
+    "stream_options": Field(
+        HONOURED,
+        BOTH,
+        "Only with `stream: true`.",
+        limits=(
+            Limit(
+                "without `stream: true`",
+                "only allowed when stream is true",
+                {"stream_options": {"include_usage": True}},
+            ),
+        ),
+    ),
     "stream_options.include_usage": Field(HONOURED, BOTH, "A last chunk with `usage` and no choices."),
     "stream_options.include_obfuscation": Field(
         IGNORED, BOTH, "Chunks carry no obfuscation padding; it only hides token lengths from onlookers."
@@ -67,6 +101,7 @@ REQUEST_FIELDS: dict[str, Field] = {
         HONOURED,
         BOTH,
         "Default 16 for completions, the rest of the sequence's context for chat; more than fits is a 400.",
+        limits=(Limit("`0`", _NO_ZERO_TOKENS, {"max_tokens": 0}),),
     ),
     "temperature": Field(HONOURED, BOTH, "0 to 2, default 1; 0 is greedy."),
     "top_p": Field(HONOURED, BOTH, "0 to 1, default 1."),
@@ -97,7 +132,28 @@ REQUEST_FIELDS: dict[str, Field] = {
         REFUSED, CHAT, "this server has one service tier; leave service_tier out", inert=("auto", "default")
     ),
     # /v1/completions only.
-    "prompt": Field(HONOURED, COMPLETIONS, "A string, or a list of token ids; one prompt per request."),
+    "prompt": Field(
+        HONOURED,
+        COMPLETIONS,
+        "A string, or a list of token ids; one prompt per request.",
+        limits=(
+            Limit(
+                "a list of several prompts (strings or lists of token ids)",
+                _ONE_PROMPT,
+                {"prompt": ["a", "b"]},
+            ),
+            Limit(
+                "`null` or `[]` (OpenAI's API then completes from a document's start)",
+                _NO_PROMPT,
+                {"prompt": None},
+            ),
+            Limit(
+                'text that makes no tokens, such as `""` for a model without a BOS token',
+                EMPTY_PROMPT,
+                {"prompt": ""},
+            ),
+        ),
+    ),
     "echo": Field(REFUSED, COMPLETIONS, "echo is not supported; prepend the prompt yourself", inert=(False,)),
     "suffix": Field(
         REFUSED, COMPLETIONS, "fill-in-the-middle is not supported; send the text before the gap", ("",)
@@ -107,11 +163,37 @@ REQUEST_FIELDS: dict[str, Field] = {
     ),
     # /v1/chat/completions only.
     "messages": Field(HONOURED, CHAT, "Normalised, then rendered by the GGUF's chat template; see above."),
-    "messages[].role": Field(HONOURED, CHAT, "system, developer (as system), user, assistant, tool."),
+    "messages[].role": Field(
+        HONOURED,
+        CHAT,
+        "system, developer (as system), user, assistant, tool.",
+        limits=(
+            Limit(
+                "`function` (deprecated)",
+                _NO_FUNCTION_ROLE,
+                {"messages": [{"role": "function", "name": "f", "content": "42"}]},
+            ),
+        ),
+    ),
     "messages[].content": Field(
         HONOURED, CHAT, "A string or a list of text parts; null only in an assistant message."
     ),
-    "messages[].content[].type": Field(HONOURED, CHAT, "`text` only; images, audio and files are a 400."),
+    "messages[].content[].type": Field(
+        HONOURED,
+        CHAT,
+        "`text` only; images, audio and files are a 400.",
+        limits=(
+            Limit(
+                "`image_url`, `input_audio`, `file`, and an assistant's `refusal`",
+                _ONLY_TEXT,
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}
+                    ]
+                },
+            ),
+        ),
+    ),
     "messages[].content[].text": Field(HONOURED, CHAT, "Parts are joined without a separator."),
     "messages[].name": Field(HONOURED, CHAT, "Given to the chat template (Qwen3's does not print it)."),
     "messages[].tool_call_id": Field(HONOURED, CHAT, "Given to the chat template with the message."),
@@ -120,7 +202,17 @@ REQUEST_FIELDS: dict[str, Field] = {
     "messages[].refusal": Field(REFUSED, CHAT, "a refusal cannot be replayed; put its text in content"),
     "messages[].audio": Field(REFUSED, CHAT, "audio is not supported by this server; send text"),
     "max_completion_tokens": Field(
-        HONOURED, CHAT, "Same as `max_tokens`, which may then be left out or be equal."
+        HONOURED,
+        CHAT,
+        "Same as `max_tokens`, which may then be left out or be equal.",
+        limits=(
+            Limit("`0`", _NO_ZERO_TOKENS, {"max_completion_tokens": 0}),
+            Limit(
+                "another value than `max_tokens` in the same request",
+                _TOKENS_DISAGREE,
+                {"max_tokens": 4, "max_completion_tokens": 5},
+            ),
+        ),
     ),
     "chat_template_kwargs": Field(
         HONOURED,
@@ -165,14 +257,48 @@ def fields_table() -> str:
     """README's table of request fields, in Markdown."""
     lines = ["| Field | Endpoints | Status | Notes |", "|---|---|---|---|"]
     for name, spec in REQUEST_FIELDS.items():
-        where = "both" if spec.endpoints == BOTH else ENDPOINT_PATHS[spec.endpoints[0]].removeprefix("/v1/")
+        where = _where(spec)
         status = spec.status
         if spec.status == REFUSED:
             status = "refused" + (
                 " unless " + " or ".join(f"`{json.dumps(v)}`" for v in spec.inert) if spec.inert else ""
             )
-        note = spec.note if spec.status != REFUSED else spec.note[0].upper() + spec.note[1:] + "."
+        note = spec.note if spec.status != REFUSED else _sentence(spec.note)
         lines.append(f"| `{name}` | {where} | {status} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def _sentence(note: str) -> str:
+    return note[0].upper() + note[1:] + "."
+
+
+def _where(spec: Field) -> str:
+    return "both" if spec.endpoints == BOTH else ENDPOINT_PATHS[spec.endpoints[0]].removeprefix("/v1/")
+
+
+def refusals() -> list[tuple[str, Field, Limit | None]]:
+    """Every request OpenAI's API takes that this server answers with a 400: each value of a refused field
+    that asks for something, and each honoured field's limits."""
+    found = []
+    for name, spec in REQUEST_FIELDS.items():
+        if spec.status == REFUSED:
+            found.append((name, spec, None))
+        found.extend((name, spec, limit) for limit in spec.limits)
+    return found
+
+
+def refusals_table() -> str:
+    """README's table of the requests OpenAI's API takes and this server refuses, in Markdown."""
+    lines = ["| Field | Values | Endpoints | Why, and what to do instead |", "|---|---|---|---|"]
+    for name, spec, limit in refusals():
+        if limit is None:
+            values = (
+                "any but " + " or ".join(f"`{json.dumps(v)}`" for v in spec.inert) if spec.inert else "any"
+            )
+            note = spec.note
+        else:
+            values, note = limit.values, limit.note
+        lines.append(f"| `{name}` | {values} | {_where(spec)} | {_sentence(note)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -337,15 +463,20 @@ def _request_body(body, kind: str) -> dict:
     return body
 
 
+def _token_count(body: dict, name: str) -> int | None:
+    if _same(body.get(name), 0):
+        raise invalid(name, f"0 is out of range: {_NO_ZERO_TOKENS}")
+    return _integer(body, name, 1)
+
+
 def _max_tokens(body: dict, kind: str) -> tuple[int | None, str]:
-    max_tokens = _integer(body, "max_tokens", 1)
+    max_tokens = _token_count(body, "max_tokens")
     if kind != "chat" or body.get("max_completion_tokens") is None:
         return max_tokens, "max_tokens"
-    newer = _integer(body, "max_completion_tokens", 1)
+    newer = _token_count(body, "max_completion_tokens")
     if max_tokens is not None and max_tokens != newer:
         raise invalid(
-            "max_completion_tokens",
-            f"{newer} disagrees with max_tokens {max_tokens}; send only max_completion_tokens",
+            "max_completion_tokens", f"{newer} disagrees with max_tokens {max_tokens}; {_TOKENS_DISAGREE}"
         )
     return newer, "max_completion_tokens"
 
@@ -414,9 +545,9 @@ def _common(body: dict, kind: str, model_alias: str, default_max_tokens: int | N
 
 def parse_completion(body, model_alias: str, n_vocab: int) -> GenerationRequest:
     body = _request_body(body, "completion")
-    if "prompt" not in body:
-        raise invalid("prompt", "required; give the text to complete")
-    prompt = body["prompt"]
+    prompt = body.get("prompt")
+    if prompt is None or prompt == []:
+        raise invalid("prompt", _NO_PROMPT)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     text, tokens = None, None
@@ -427,7 +558,7 @@ def parse_completion(body, model_alias: str, n_vocab: int) -> GenerationRequest:
             raise invalid("prompt", f"token ids must be between 0 and {n_vocab - 1}")
         tokens = list(prompt)
     elif isinstance(prompt, list) and len(prompt) > 1:
-        raise invalid("prompt", "only one prompt per request is supported")
+        raise invalid("prompt", _ONE_PROMPT)
     else:
         raise invalid("prompt", "expected a string, or a list of token ids")
     fields = _common(body, "completion", model_alias, default_max_tokens=16)
@@ -441,8 +572,10 @@ def _message_text(content, index: int) -> str:
         parts = []
         for j, part in enumerate(content):
             where = f"messages[{index}].content[{j}]"
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise invalid(where, 'only text parts ({"type": "text", "text": ...}) are supported')
+            if not isinstance(part, dict) or "type" not in part:
+                raise invalid(where, f"expected a content part; {_ONLY_TEXT}")
+            if part["type"] != "text":
+                raise invalid(where + ".type", f"{part['type']!r}: {_ONLY_TEXT}")
             _check_fields(part, "chat", "messages[].content[].", where + ".")
             if not isinstance(part.get("text"), str):
                 raise invalid(where + ".text", "expected a string")
@@ -455,6 +588,8 @@ def _message(message, i: int) -> dict:
     if not isinstance(message, dict):
         raise invalid(f"messages[{i}]", "expected an object with role and content")
     role = message.get("role")
+    if role == "function":
+        raise invalid(f"messages[{i}].role", _NO_FUNCTION_ROLE)
     if role not in CHAT_ROLES:
         raise invalid(f"messages[{i}].role", f"{role!r} is not one of {', '.join(CHAT_ROLES)}")
     _check_fields(message, "chat", "messages[].", f"messages[{i}].")
@@ -521,17 +656,27 @@ def parse_chat(body, model_alias: str) -> tuple[GenerationRequest, list[dict]]:
     return req, clean
 
 
-def completion_body(req: GenerationRequest, text: str, finish: str, prompt_n: int, completion_n: int) -> dict:
-    usage = {
+# The shapes below are OpenAI's published schemas (CreateCompletionResponse, CreateChatCompletionResponse,
+# CreateChatCompletionStreamResponse, CompletionUsage), which tests/inference/test_openai_schema.py checks
+# every reply against. A key the schema requires is sent even when its value is null: clients generated
+# from the schema with required-field checks refuse an object without it.
+
+
+def _usage(prompt_n: int, completion_n: int) -> dict:
+    return {
         "prompt_tokens": prompt_n,
         "completion_tokens": completion_n,
         "total_tokens": prompt_n + completion_n,
     }
+
+
+def completion_body(req: GenerationRequest, text: str, finish: str, prompt_n: int, completion_n: int) -> dict:
     if req.kind == "completion":
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        message = {"role": "assistant", "content": text, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         obj = "chat.completion"
     return {
         "id": req.id,
@@ -539,7 +684,7 @@ def completion_body(req: GenerationRequest, text: str, finish: str, prompt_n: in
         "created": req.created,
         "model": req.model,
         "choices": [choice],
-        "usage": usage,
+        "usage": _usage(prompt_n, completion_n),
     }
 
 
@@ -555,7 +700,12 @@ def chunk_body(req: GenerationRequest, text: str | None, finish: str | None, rol
             delta["content"] = text
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         obj = "chat.completion.chunk"
-    return {"id": req.id, "object": obj, "created": req.created, "model": req.model, "choices": [choice]}
+    body = {"id": req.id, "object": obj, "created": req.created, "model": req.model, "choices": [choice]}
+    if req.include_usage and req.kind == "chat":
+        # With include_usage every chat chunk carries usage, null until the last. A completion's chunk
+        # leaves it out instead: CreateCompletionResponse's usage may be absent but not null.
+        body["usage"] = None
+    return body
 
 
 def chunk_frame(req: GenerationRequest) -> tuple[str, str]:
@@ -573,9 +723,5 @@ def chunk_frame(req: GenerationRequest) -> tuple[str, str]:
 def usage_chunk(req: GenerationRequest, prompt_n: int, completion_n: int) -> dict:
     body = chunk_body(req, None, None)
     body["choices"] = []
-    body["usage"] = {
-        "prompt_tokens": prompt_n,
-        "completion_tokens": completion_n,
-        "total_tokens": prompt_n + completion_n,
-    }
+    body["usage"] = _usage(prompt_n, completion_n)
     return body

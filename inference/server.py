@@ -316,7 +316,7 @@ def _prepare_chat(config: ServeConfig, tokenizer: Tokenizer, raw: bytes, charset
 
 def _check_prompt(config: ServeConfig, req: GenerationRequest, tokens: list[int], prompt_field: str) -> None:
     if not tokens:
-        raise api.invalid(prompt_field, "the prompt is empty")
+        raise api.invalid(prompt_field, api.EMPTY_PROMPT)
     _check_room(config, req, len(tokens), prompt_field)
 
 
@@ -358,6 +358,9 @@ async def _generate(request: web.Request, req: GenerationRequest, tokens: list[i
     try:
         job = supervisor.submit(tokens, req.sampling_params(req.max_tokens or room), output)
     except (Unavailable, QueueFull) as exc:
+        # 503, not the 429 that OpenAI's API schema lists: its 429 is a caller over its rate limit, while a full
+        # queue is the server out of capacity for everyone (RFC 9110's 503, OpenAI's own answer to overload).
+        # Clients retry both after Retry-After; load balancers and 5xx alerts treat a 503 as the server's.
         if isinstance(exc, QueueFull):
             message, code = f"the server is at capacity ({exc}); retry later", "queue_full"
         else:

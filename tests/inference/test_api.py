@@ -9,6 +9,7 @@ from http.client import HTTPConnection
 
 import pytest
 
+from tests.inference import openai_openapi as spec
 from tests.inference.conftest import Server, http
 
 
@@ -66,7 +67,7 @@ BAD_CHATS = [
     ({"messages": "hello"}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, "max_completion_tokens"),
     (
         {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
@@ -218,6 +219,7 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model, tmp_path):
         assert code == 503
         assert headers["Retry-After"] == "5"
         assert reply["error"]["code"] == "queue_full"
+        spec.check(reply, "ErrorResponse")
         assert result["long"][0] == 200
         metrics = http("GET", proc.url + "/metrics")[2]
         assert 'llmfleet_requests_total{endpoint="/v1/completions",status="503"} 1.0' in metrics

@@ -159,13 +159,16 @@ def test_an_unknown_field_or_one_of_the_other_endpoint_is_a_400_naming_it(kind, 
     assert error.message.startswith(f"{param}: ")
 
 
-def test_the_readme_table_of_request_fields_is_the_servers():
+@pytest.mark.parametrize(
+    ("marker", "made_by"), [("request-fields", "fields_table"), ("refused-requests", "refusals_table")]
+)
+def test_the_readme_tables_of_request_fields_are_the_servers(marker, made_by):
     text = README.read_text()
-    table = re.search(r"<!-- request-fields -->\n(.*?)<!-- /request-fields -->", text, re.S)
-    assert table, "README.md lost its <!-- request-fields --> block"
-    assert table.group(1) == api.fields_table(), (
-        "README.md's table of request fields differs from inference.api.REQUEST_FIELDS; put the output of "
-        "`python -c 'from inference import api; print(api.fields_table())'` between its markers"
+    table = re.search(rf"<!-- {marker} -->\n(.*?)<!-- /{marker} -->", text, re.S)
+    assert table, f"README.md lost its <!-- {marker} --> block"
+    assert table.group(1) == getattr(api, made_by)(), (
+        f"README.md's {marker} table differs from inference.api.REQUEST_FIELDS; put the output of "
+        f"`python -c 'from inference import api; print(api.{made_by}())'` between its markers"
     )
 
 
