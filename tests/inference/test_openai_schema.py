@@ -202,19 +202,42 @@ def test_each_listed_refusal_is_a_request_the_schema_takes_answered_with_a_400(
     assert note in reply["error"]["message"]
 
 
-def _properties(schema: dict) -> set[str]:
-    """The property names of a schema, through its allOf and references."""
+def _schema(name: str) -> dict:
+    return spec.document()["components"]["schemas"][name]
+
+
+def _properties(schema: dict) -> dict:
+    """The properties of a schema, through its references and its allOf, oneOf and anyOf."""
     if "$ref" in schema:
-        schema = spec.document()["components"]["schemas"][schema["$ref"].rpartition("/")[2]]
-    names = set(schema.get("properties", {}))
-    for part in schema.get("allOf", []):
-        names |= _properties(part)
-    return names
+        schema = _schema(schema["$ref"].rpartition("/")[2])
+    found = dict(schema.get("properties", {}))
+    for part in schema.get("allOf", []) + schema.get("oneOf", []) + schema.get("anyOf", []):
+        found.update(_properties(part))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("kind", "schema_name"),
+    [("completion", "CreateCompletionRequest"), ("chat", "CreateChatCompletionRequest")],
+)
+def test_every_field_of_openais_requests_is_in_request_fields(kind, schema_name):
+    """So that none is refused as unknown, unlisted in README."""
+    top = _properties(_schema(schema_name))
+    fields = set(top)
+    fields |= {f"stream_options.{name}" for name in _properties(top["stream_options"])}
+    if kind == "chat":
+        fields |= {f"messages[].{name}" for name in _properties(top["messages"]["items"])}
+        text_part = _schema("ChatCompletionRequestMessageContentPartText")  # other parts are refused by type
+        fields |= {f"messages[].content[].{name}" for name in _properties(text_part)}
+    missing = sorted(f for f in fields if kind not in getattr(api.REQUEST_FIELDS.get(f), "endpoints", ()))
+    assert not missing, (
+        f"fields of OpenAI's {schema_name} missing from inference.api.REQUEST_FIELDS: {missing}"
+    )
 
 
 def _nullable_fields(schema_name: str) -> list[str]:
     """The request fields the schema lets be null."""
-    fields = _properties({"$ref": f"#/components/schemas/{schema_name}"})
+    fields = _properties(_schema(schema_name))
     return sorted(
         f for f in fields if not spec.errors({**_required(schema_name), f: None}, schema_name, True)
     )
