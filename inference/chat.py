@@ -25,8 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from inference.api import invalid
+from inference.config import REASONING_FORMATS
 
-REASONING_FORMATS = ("auto", "deepseek", "none")
 TOOL_CHOICES = ("none", "auto", "required")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -71,6 +71,10 @@ SCHEMA_FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3"
 # continue it), and the blank lines that follow it.
 THINK_GRAMMAR = r"""think-text ::= ( [^<] | "<" ( [^/] | "/" ( [^t] | "t" ( [^h] | "h" ( [^i] | "i" ( [^n] | "n" ( [^k] | "k" [^>] ) ) ) ) ) ) )*
 think-end ::= "</think>" [\n ]{0,4}"""
+
+
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 
 
 @dataclass(frozen=True)
@@ -369,7 +373,9 @@ def grammar(options: ChatOptions, think: str) -> str | None:
         body = _visit(converter, options.schema, "answer", where)
     else:
         return None
-    rules = converter.format_grammar()
+    # The converter's string characters include control characters, which JSON does not allow unescaped
+    # in a string (llama.cpp's own converter has since left them out): a reply would not parse.
+    rules = converter.format_grammar().replace(_LOOSE_CHAR, _JSON_CHAR)
     if think == "open":
         return f"root ::= think-text think-end {body}\n{THINK_GRAMMAR}\n{rules}"
     if think == "optional":
@@ -624,3 +630,62 @@ class Message:
             message["reasoning_content"] = "".join(self.reasoning)
         if self.calls:
             message["tool_calls"] = self.calls
+
+
+# -- preparing a request ------------------------------------------------------------------------------------
+
+
+def template_variables(options: ChatOptions) -> dict:
+    """What the chat template gets besides the messages: ``tools`` when there are any."""
+    return {"tools": [dict(t) for t in options.tools]} if options.tools else {}
+
+
+def plan(req, options: ChatOptions, prompt: str, tokenizer, reasoning_format: str) -> ChatPlan:
+    """Settles how ``req`` (an api.GenerationRequest whose chat rendered to ``prompt``) is generated and
+    answered: its grammar and the biases of ``tool_choice`` none go into its sampling parameters, and
+    ``req.chat`` gets the ChatPlan. 400 when a grammar cannot be made or is refused by llama.cpp."""
+    fmt = options.reasoning_format or reasoning_format
+    opened = reasoning_open(prompt)
+    thinks = (
+        tokenizer.single_token(THINK_OPEN) is not None and tokenizer.single_token(THINK_CLOSE) is not None
+    )
+    thinking = thinks and req.template_kwargs.get("enable_thinking") is not False
+    think = "open" if opened else ("optional" if thinking else "")
+    text = grammar(options, think)
+    if text is not None:
+        if req.sampling.get("ignore_eos"):
+            field_name = "tool_choice" if options.forces_tools else "response_format"
+            raise invalid(
+                "ignore_eos", f"cannot be true with {field_name}: the grammar ends the reply; leave it out"
+            )
+        check_grammar(tokenizer, text, "tools" if options.forces_tools else "response_format")
+        req.sampling["grammar"] = text
+    if options.tools and options.tool_choice == "none":
+        call = tokenizer.single_token(CALL_OPEN)
+        if call is not None:
+            req.sampling["logit_bias"] = (*req.sampling.get("logit_bias", ()), (call, float("-inf")))
+    req.chat = ChatPlan(options=options, reasoning=fmt != "none", reasoning_open=opened)
+    return req.chat
+
+
+def check_grammar(tokenizer, text: str, where: str) -> None:
+    """Refuses (400) a grammar that llama.cpp's parser rejects, before it reaches the engine."""
+    lc = tokenizer.lc
+    sampler = lc.llama_sampler_init_grammar(tokenizer.vocab, text.encode(), b"root")
+    if not sampler:
+        raise invalid(
+            where, "llama.cpp could not parse the grammar made from this field; simplify the schema"
+        )
+    lc.llama_sampler_free(sampler)
+
+
+def parser(chat_plan: ChatPlan | None) -> ChatParser | None:
+    """The parser of a chat reply, or None where its text goes out as it is."""
+    if chat_plan is None:
+        return None
+    options = chat_plan.options
+    if not (chat_plan.reasoning or options.calls_tools):
+        return None
+    return ChatParser(
+        chat_plan.reasoning, chat_plan.reasoning_open, options.calls_tools, options.parallel_tool_calls
+    )
