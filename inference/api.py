@@ -518,7 +518,7 @@ def _message(message, i: int) -> dict:
     if content is None and role != "assistant":
         raise invalid(f"messages[{i}].content", f'required in a {role} message; send "" for an empty one')
     clean = {"role": role, "content": "" if content is None else _message_text(content, i)}
-    if message.get("tool_calls") is not None:
+    if message.get("tool_calls"):
         if role != "assistant":
             raise invalid(f"messages[{i}].tool_calls", "only an assistant message has tool calls")
         clean["tool_calls"] = _tool_calls(message["tool_calls"], i)

@@ -2,7 +2,8 @@
 
 ``python -m inference synth-model --shape tiny --quant q8_0 --out tiny.gguf`` writes a model of the
 llama.cpp architecture ``qwen3moe`` (the one Qwen3-30B-A3B converts to) with every tensor name, shape and
-metadata key that llama.cpp's loader asks for, a byte-level BPE vocabulary and a ChatML chat template. The
+metadata key that llama.cpp's loader asks for, a byte-level BPE vocabulary and a chat template with Qwen3's
+conventions (ChatML turns, tools, tool calls and responses, thinking; see CHAT_TEMPLATE). The
 model says nothing useful, but it exercises exactly the code that the real one does: same graph, same MoE
 routing, same tokenizer type, same quantized matmuls, and (for the ``qwen3-30b-a3b`` shape) the same
 tensor sizes. Tests and benchmarks can therefore run without a multi-gigabyte download.
@@ -52,10 +53,14 @@ Memory and time
 Vocabulary
     Byte-level BPE like Qwen's (``tokenizer.ggml.model`` = ``gpt2``, ``tokenizer.ggml.pre`` = ``qwen2``): the
     256 byte tokens in GPT-2's byte-to-unicode form, then merges learnt from a small built-in English text,
-    then merges generated deterministically until the vocabulary is full, then Qwen's special tokens
-    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` (CONTROL). As in Qwen3, eos is ``<|im_end|>``, bos
-    and pad are ``<|endoftext|>`` and no bos is added. The ``qwen3-30b-a3b`` shape puts the special tokens
-    at Qwen3's ids (151643...) and fills the rest of the 151936 rows with unused ``[PADn]`` tokens. With
+    then merges generated deterministically until the vocabulary is full, then Qwen3's 26 added tokens
+    (``SPECIAL_TOKENS``): ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` and the other ``<|...|>`` ones
+    CONTROL, ``<tool_call>``, ``</tool_call>``, ``<tool_response>``, ``</tool_response>``, ``<think>``,
+    ``</think>`` USER_DEFINED (printed in replies), as in Qwen3's GGUF files. As in Qwen3, eos is
+    ``<|im_end|>``, bos and pad are ``<|endoftext|>`` and no bos is added; llama.cpp also ends generation at
+    ``<|fim_pad|>``, ``<|repo_name|>`` and ``<|file_sep|>``. The ``qwen3-30b-a3b`` shape puts the added
+    tokens at Qwen3's ids (151643 to 151668) and fills the rest of the 151936 rows with unused ``[PADn]``
+    tokens; smaller shapes end with them. With
     only ~600 merges learnt from real text, English takes about 1.8 characters per token (Qwen's own
     tokenizer: about 4), so benchmarks should compare token counts, not characters. Any UTF-8 text
     round-trips exactly through llama.cpp's tokenizer and detokenizer.

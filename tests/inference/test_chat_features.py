@@ -304,7 +304,7 @@ BAD = [
     ),
     ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
     ({"reasoning_format": "hidden"}, "reasoning_format"),
-    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [{}]}]}, "messages[0].tool_calls"),
     (
         {
             "messages": [
