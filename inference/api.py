@@ -67,7 +67,6 @@ class Field:
     limits: tuple[Limit, ...] = ()
 
 
-_NO_TOOLS = "tool calling is not supported by this server; describe tools in a message and parse the reply"
 _NO_ZERO_TOKENS = "at least one token is generated per request; ask for 1 or more"
 _ONE_PROMPT = "one prompt per request is supported; send a request for each prompt"
 _NO_PROMPT = "required; give the text to complete, as a string or a list of token ids"
@@ -75,6 +74,7 @@ EMPTY_PROMPT = "the prompt makes no tokens; give some text to complete"
 _NO_FUNCTION_ROLE = "the function role is not supported; send a function's result as a tool message"
 _ONLY_TEXT = 'only text parts ({"type": "text", "text": ...}) are supported by this server; send text'
 _TOKENS_DISAGREE = "send only max_completion_tokens (max_tokens is its older name)"
+_LEGACY_FUNCTIONS = "the legacy functions API is not supported; send tools and tool_choice"
 REQUEST_FIELDS: dict[str, Field] = {
     # Both endpoints.
     "model": Field(
@@ -120,7 +120,12 @@ REQUEST_FIELDS: dict[str, Field] = {
     "logprobs": Field(
         REFUSED, BOTH, "log probabilities are not supported by this server; leave logprobs out", (False, 0)
     ),
-    "logit_bias": Field(REFUSED, BOTH, "token biases are not supported by this server; leave it out", ({},)),
+    "logit_bias": Field(
+        HONOURED,
+        BOTH,
+        "Token id (a string of digits, below the vocabulary size) to a bias from -100 to 100, added to that "
+        "token's logit before sampling; -100 in effect bans the token. Greedy decoding honours it too.",
+    ),
     "user": Field(IGNORED, BOTH, "An end-user id for the provider's abuse tracking; there is none here."),
     "safety_identifier": Field(IGNORED, BOTH, "Like `user`."),
     "metadata": Field(IGNORED, CHAT, "Tags of stored completions; none are stored (see `store`)."),
@@ -197,8 +202,13 @@ REQUEST_FIELDS: dict[str, Field] = {
     "messages[].content[].text": Field(HONOURED, CHAT, "Parts are joined without a separator."),
     "messages[].name": Field(HONOURED, CHAT, "Given to the chat template (Qwen3's does not print it)."),
     "messages[].tool_call_id": Field(HONOURED, CHAT, "Given to the chat template with the message."),
-    "messages[].tool_calls": Field(REFUSED, CHAT, _NO_TOOLS, inert=([],)),
-    "messages[].function_call": Field(REFUSED, CHAT, _NO_TOOLS),
+    "messages[].tool_calls": Field(
+        HONOURED,
+        CHAT,
+        "An assistant's earlier calls (`id`, `type: function`, `function.name`, `function.arguments` a JSON "
+        "string), rendered by the template as Qwen3's `<tool_call>` blocks.",
+    ),
+    "messages[].function_call": Field(REFUSED, CHAT, _LEGACY_FUNCTIONS),
     "messages[].refusal": Field(REFUSED, CHAT, "a refusal cannot be replayed; put its text in content"),
     "messages[].audio": Field(REFUSED, CHAT, "audio is not supported by this server; send text"),
     "max_completion_tokens": Field(
@@ -224,16 +234,35 @@ REQUEST_FIELDS: dict[str, Field] = {
     "top_logprobs": Field(
         REFUSED, CHAT, "log probabilities are not supported by this server; leave top_logprobs out", (0,)
     ),
-    "tools": Field(REFUSED, CHAT, _NO_TOOLS, inert=([],)),
-    "tool_choice": Field(REFUSED, CHAT, _NO_TOOLS, inert=("none", "auto")),
-    "parallel_tool_calls": Field(IGNORED, CHAT, "Qualifies `tools`, which are refused."),
-    "functions": Field(REFUSED, CHAT, _NO_TOOLS, inert=([],)),
-    "function_call": Field(REFUSED, CHAT, _NO_TOOLS, inert=("none", "auto")),
-    "response_format": Field(
-        REFUSED,
+    "tools": Field(
+        HONOURED,
         CHAT,
-        "structured output is not supported by this server; ask for JSON in a message and check the reply",
-        inert=({"type": "text"},),
+        "Functions (`name`, `description`, `parameters` a JSON schema, `strict`), listed to the model by the "
+        "chat template; its `<tool_call>` replies become `message.tool_calls`, finish_reason `tool_calls`.",
+    ),
+    "tool_choice": Field(
+        HONOURED,
+        CHAT,
+        "`auto` (default with tools), `none` (the `<tool_call>` token is banned), `required` or "
+        '`{"type": "function", "function": {"name": ...}}`: these two are enforced by a grammar, so the '
+        "reply is calls whose arguments match the schema.",
+    ),
+    "parallel_tool_calls": Field(
+        HONOURED, CHAT, "Default true; false allows one call per reply (later ones are dropped)."
+    ),
+    "functions": Field(REFUSED, CHAT, _LEGACY_FUNCTIONS, inert=([],)),
+    "function_call": Field(REFUSED, CHAT, _LEGACY_FUNCTIONS, inert=("none", "auto")),
+    "response_format": Field(
+        HONOURED,
+        CHAT,
+        "`text`, `json_object` or `json_schema` (`name`, `schema`, `strict`), enforced by a llama.cpp grammar "
+        "made with llama-cpp-python's schema converter; with `strict` a keyword it cannot enforce is a 400.",
+    ),
+    "reasoning_format": Field(
+        HONOURED,
+        CHAT,
+        "llama.cpp extension: `none` keeps `<think>` blocks in `content`; `auto`, `deepseek` move them to "
+        "`reasoning_content`. Default: `serve --reasoning-format`.",
     ),
     "prediction": Field(REFUSED, CHAT, "predicted outputs are not supported by this server; leave it out"),
     "audio": Field(REFUSED, CHAT, "audio output is not supported by this server; leave it out"),
@@ -450,6 +479,7 @@ class GenerationRequest:
     created: int
     max_tokens_field: str = "max_tokens"  # as the client sent it, for errors
     template_kwargs: dict = field(default_factory=dict)
+    chat: object = None  # chat.ChatPlan of a chat request, once prepared
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, **self.sampling)
@@ -481,7 +511,32 @@ def _max_tokens(body: dict, kind: str) -> tuple[int | None, str]:
     return newer, "max_completion_tokens"
 
 
-def _common(body: dict, kind: str, model_alias: str, default_max_tokens: int | None) -> dict:
+def _logit_bias(body: dict, n_vocab: int | None) -> tuple[tuple[int, float], ...]:
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise invalid("logit_bias", 'expected an object of token id to bias, such as {"1234": -100}')
+    biases = []
+    for key, bias in value.items():
+        if not key.isascii() or not key.isdigit():
+            raise invalid(
+                "logit_bias", f"key {key!r} is not a token id; keys are token ids written as strings"
+            )
+        token = int(key)
+        if n_vocab is not None and token >= n_vocab:
+            raise invalid(
+                "logit_bias", f"token id {token} is out of range; the vocabulary has {n_vocab} tokens"
+            )
+        if not _is_number(bias) or not -100 <= bias <= 100:
+            raise invalid("logit_bias", f"the bias of token {token} must be a number from -100 to 100")
+        biases.append((token, float(bias)))
+    return tuple(biases)
+
+
+def _common(
+    body: dict, kind: str, model_alias: str, default_max_tokens: int | None, n_vocab: int | None = None
+) -> dict:
     model = body.get("model", model_alias)
     if not isinstance(model, str):
         raise invalid("model", f"expected a string, got {type(model).__name__}")
@@ -527,6 +582,7 @@ def _common(body: dict, kind: str, model_alias: str, default_max_tokens: int | N
         "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
         "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         "ignore_eos": _boolean(body, "ignore_eos"),
+        "logit_bias": _logit_bias(body, n_vocab),
     }
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     return {
@@ -561,7 +617,7 @@ def parse_completion(body, model_alias: str, n_vocab: int) -> GenerationRequest:
         raise invalid("prompt", _ONE_PROMPT)
     else:
         raise invalid("prompt", "expected a string, or a list of token ids")
-    fields = _common(body, "completion", model_alias, default_max_tokens=16)
+    fields = _common(body, "completion", model_alias, default_max_tokens=16, n_vocab=n_vocab)
     return GenerationRequest(prompt_text=text, prompt_tokens=tokens, **fields)
 
 
@@ -597,12 +653,42 @@ def _message(message, i: int) -> dict:
     if content is None and role != "assistant":
         raise invalid(f"messages[{i}].content", f'required in a {role} message; send "" for an empty one')
     clean = {"role": role, "content": "" if content is None else _message_text(content, i)}
+    if message.get("tool_calls"):
+        if role != "assistant":
+            raise invalid(f"messages[{i}].tool_calls", "only an assistant message has tool calls")
+        clean["tool_calls"] = _tool_calls(message["tool_calls"], i)
     for key in ("name", "tool_call_id"):
         value = message.get(key)
         if value is not None:
             if not isinstance(value, str):
                 raise invalid(f"messages[{i}].{key}", f"expected a string, got {type(value).__name__}")
             clean[key] = value
+    return clean
+
+
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant message's tool calls, as OpenAI gives them back: id, type function, name, arguments."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise invalid(where, "expected a list of tool calls")
+    clean = []
+    for j, call in enumerate(calls):
+        here = f"{where}[{j}]"
+        if not isinstance(call, dict) or call.get("type", "function") != "function":
+            raise invalid(here, 'expected {"id": ..., "type": "function", "function": {"name", "arguments"}}')
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(here + ".function", 'expected {"name": ..., "arguments": "<JSON text>"}')
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            raise invalid(here + ".function.arguments", "expected the arguments' JSON as a string")
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise invalid(here + ".id", "expected a string")
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if call_id is not None:
+            entry["id"] = call_id
+        clean.append(entry)
     return clean
 
 
@@ -636,22 +722,24 @@ def _template_kwargs(body: dict) -> dict:
     for key in value:
         where = f"chat_template_kwargs.{key}"
         if key in RESERVED_TEMPLATE_VARIABLES:
-            hint = _NO_TOOLS if key in ("tools", "documents") else "the server sets it from the request"
+            hints = {"tools": "send them as the request's tools", "documents": "put them in a message"}
+            hint = hints.get(key, "the server sets it from the request")
             raise invalid(where, f"may not be set: {hint}")
         if not key.isidentifier():
             raise invalid(where, "not a template variable name; use letters, digits and _")
     return dict(value)
 
 
-def parse_chat(body, model_alias: str) -> tuple[GenerationRequest, list[dict]]:
-    """The request and its messages, normalised (see normalise_messages) for the chat template."""
+def parse_chat(body, model_alias: str, n_vocab: int | None = None) -> tuple[GenerationRequest, list[dict]]:
+    """The request and its messages, normalised (see normalise_messages) for the chat template. Token ids
+    (logit_bias) are checked against ``n_vocab`` when given."""
     body = _request_body(body, "chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", 'required; give a non-empty list of {"role", "content"} objects')
     clean = normalise_messages([_message(message, i) for i, message in enumerate(messages)])
     template_kwargs = _template_kwargs(body)
-    fields = _common(body, "chat", model_alias, default_max_tokens=None)
+    fields = _common(body, "chat", model_alias, default_max_tokens=None, n_vocab=n_vocab)
     req = GenerationRequest(prompt_text=None, prompt_tokens=None, template_kwargs=template_kwargs, **fields)
     return req, clean
 

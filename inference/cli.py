@@ -75,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout,
         max_connections=args.max_connections,
+        reasoning_format=args.reasoning_format,
     ).validated()
     asyncio.run(server.serve(config))
     return 0
@@ -288,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="open connections served at once; a further one gets 503 with Retry-After and is closed "
         f"(default {config_module.DEFAULT_MAX_CONNECTIONS})",
+    )
+    s.add_argument(
+        "--reasoning-format",
+        default="auto",
+        choices=config_module.REASONING_FORMATS,
+        help="where a chat reply's <think> block goes: auto or deepseek move it to message.reasoning_content "
+        "(delta.reasoning_content when streamed), none leaves it in the content; a request's "
+        "reasoning_format overrides it (default auto)",
     )
     s.set_defaults(func=_serve)
 

@@ -12,6 +12,9 @@ from inference.worker import ConfigError, usable_cpus
 SPLIT_MODES = ("layer", "tensor", "experts", "none")
 DEFAULT_SHARDED_CACHE = "~/.cache/llmfleet/sharded"
 FLASH_ATTN_MODES = ("auto", "on", "off")
+# llama-server's --reasoning-format values that this server knows: none keeps Qwen3's <think> blocks in the
+# content; auto and deepseek move them to reasoning_content.
+REASONING_FORMATS = ("auto", "deepseek", "none")
 DEFAULT_PORT = 8080
 GGUF_MAGIC = b"GGUF"
 MAX_PARALLEL = 64
@@ -147,6 +150,7 @@ class ServeConfig:
     body_timeout: float = DEFAULT_BODY_TIMEOUT  # a request's body, from the end of its headers
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT  # idle between requests on one connection
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    reasoning_format: str = "auto"  # "none" keeps <think> blocks in content; see inference.chat
     api_key: str | None = field(default=None, repr=False)
 
     def validated(self) -> ServeConfig:
@@ -160,6 +164,10 @@ class ServeConfig:
             raise ConfigError(f"--split {self.split!r} is not one of {', '.join(SPLIT_MODES)}")
         if self.flash_attn not in FLASH_ATTN_MODES:
             raise ConfigError(f"--flash-attn {self.flash_attn!r} is not one of {', '.join(FLASH_ATTN_MODES)}")
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise ConfigError(
+                f"--reasoning-format {self.reasoning_format!r} is not one of {', '.join(REASONING_FORMATS)}"
+            )
         if self.split == "experts" and not self.rpc:
             raise ConfigError(
                 "--split experts puts each layer's experts on the RPC workers; give them with --rpc"

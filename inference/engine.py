@@ -56,6 +56,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # llama-server's extension: end-of-generation tokens are never chosen
+    logit_bias: tuple[
+        tuple[int, float], ...
+    ] = ()  # (token, bias) added to the logits, as OpenAI's logit_bias
+    grammar: str | None = None  # GBNF (root rule "root") that the generated text must follow
 
 
 class EngineError(RuntimeError):
@@ -70,8 +74,8 @@ def describe_exception(exc: BaseException) -> str:
 
 class _Sequence:
     __slots__ = (
+        "biases",
         "generated",
-        "ignore_eos",
         "max_tokens",
         "n_past",
         "pending",
@@ -89,7 +93,7 @@ class _Sequence:
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.generated = 0
-        self.ignore_eos = False
+        self.biases: dict[int, float] = {}  # the greedy path's logit_bias and ignore_eos
 
 
 # Tokens looked back on by the presence and frequency penalties (llama-server's default repeat_last_n).
@@ -97,33 +101,53 @@ PENALTY_LAST_N = 64
 
 
 def _is_greedy(params: SamplingParams) -> bool:
-    return params.temperature <= 0.0 and not (params.presence_penalty or params.frequency_penalty)
+    """Whether the engine's own argmax (with logit_bias and ignore_eos applied) serves these parameters."""
+    return (
+        params.temperature <= 0.0
+        and not (params.presence_penalty or params.frequency_penalty)
+        and params.grammar is None
+    )
 
 
-def _make_sampler(llama_cpp, n_vocab: int, params: SamplingParams, eog_tokens: list[int]):
-    """A llama.cpp sampler chain for ``params``. Raises EngineError when llama.cpp refuses a part of it."""
+def _make_sampler(llama_cpp, n_vocab: int, params: SamplingParams, eog_tokens: list[int], vocab=None):
+    """A llama.cpp sampler chain for ``params`` (``vocab`` is needed for a grammar). Raises EngineError when
+    llama.cpp refuses a part of it."""
     chain_params = llama_cpp.llama_sampler_chain_default_params()
     chain_params.no_perf = True
     chain = llama_cpp.llama_sampler_chain_init(chain_params)
     try:
-        _fill_chain(llama_cpp, chain, n_vocab, params, eog_tokens)
+        _fill_chain(llama_cpp, chain, n_vocab, params, eog_tokens, vocab)
     except BaseException:
         llama_cpp.llama_sampler_free(chain)
         raise
     return chain
 
 
-def _fill_chain(llama_cpp, chain, n_vocab: int, params: SamplingParams, eog_tokens: list[int]) -> None:
+def _biases(params: SamplingParams, eog_tokens: list[int]) -> dict[int, float]:
+    """Token -> bias of logit_bias, and -inf for end-of-generation tokens under ignore_eos."""
+    biases: dict[int, float] = {}
+    for token, bias in params.logit_bias:
+        biases[token] = biases.get(token, 0.0) + bias
+    if params.ignore_eos:
+        biases.update(dict.fromkeys(eog_tokens, float("-inf")))
+    return biases
+
+
+def _fill_chain(llama_cpp, chain, n_vocab: int, params: SamplingParams, eog_tokens: list[int], vocab) -> None:
     def add(sampler, name: str) -> None:
         if not sampler:
             raise EngineError(f"llama.cpp could not create the {name} sampler")
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-    if params.ignore_eos and eog_tokens:
-        biases = (llama_cpp.llama_logit_bias * len(eog_tokens))()
-        for bias, token in zip(biases, eog_tokens, strict=True):
-            bias.token, bias.bias = token, float("-inf")
-        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases), "logit bias")
+    wanted = _biases(params, eog_tokens)
+    if wanted:
+        biases = (llama_cpp.llama_logit_bias * len(wanted))()
+        for bias, (token, value) in zip(biases, wanted.items(), strict=True):
+            bias.token, bias.bias = token, value
+        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(wanted), biases), "logit bias")
+    if params.grammar is not None:
+        # Before the penalties and truncations: they then see only the tokens that the grammar allows.
+        add(llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root"), "grammar")
     if params.presence_penalty or params.frequency_penalty:
         # llama-cpp-python 0.3.36 binds the llama.h of its vendored llama.cpp: n_vocab comes first.
         add(
@@ -159,6 +183,7 @@ class Engine:
         from inference import ggml
 
         self.logits_of = numpy.ctypeslib.as_array
+        self.numpy = numpy
 
         self.llama_cpp = llama_cpp
         self.config = config
@@ -335,12 +360,12 @@ class Engine:
             if _is_greedy(params):
                 sampler = None
             else:
-                sampler = _make_sampler(self.llama_cpp, self.n_vocab, params, self.eog_tokens)
+                sampler = _make_sampler(self.llama_cpp, self.n_vocab, params, self.eog_tokens, self.vocab)
         except Exception as exc:
             log.exception("request %d: setting up its sampler failed", request_id)
             return "could not set up sampling: " + describe_exception(exc)
         seq = _Sequence(request_id, self.free_seq_ids.pop(), prompt, sampler, max_tokens)
-        seq.ignore_eos = params.ignore_eos
+        seq.biases = _biases(params, self.eog_tokens) if sampler is None else {}
         self.sequences[request_id] = seq
         return None
 
@@ -434,15 +459,16 @@ class Engine:
     def _choose(self, seq: _Sequence, index: int) -> int:
         if seq.sampler is not None:
             return self.llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, index)
-        return self._argmax(index, seq.ignore_eos)
+        return self._argmax(index, seq.biases)
 
-    def _argmax(self, index: int, ignore_eos: bool = False) -> int:
+    def _argmax(self, index: int, biases: dict[int, float] | None = None) -> int:
         """The greedy choice, as llama.cpp's greedy sampler makes it (the first of equal maxima), without the
         candidate array of the whole vocabulary that llama_sampler_sample builds for every token (152k
         entries for Qwen3)."""
         logits = self.logits_of(self.llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
-        if ignore_eos and self.eog_tokens:
-            logits[self.eog_tokens] = float("-inf")  # llama.cpp's buffer; rewritten by the next decode
+        if biases:
+            # llama.cpp's buffer, rewritten by the next decode.
+            logits[list(biases)] += self.numpy.array(list(biases.values()), dtype=self.numpy.float32)
         return int(logits.argmax())
 
 

@@ -24,7 +24,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from inference import api
+from inference import api, chat
 from inference.api import ApiError, GenerationRequest
 from inference.config import ServeConfig
 from inference.metrics import Metrics
@@ -303,11 +303,14 @@ def _prepare_completion(
 
 
 def _prepare_chat(config: ServeConfig, tokenizer: Tokenizer, raw: bytes, charset: str | None) -> Prepared:
-    req, messages = api.parse_chat(_decode_json(raw, charset), config.model_alias)
+    body = _decode_json(raw, charset)
+    req, messages = api.parse_chat(body, config.model_alias, tokenizer.n_vocab)
+    options = chat.parse_options(body)
     try:
-        text = tokenizer.render_chat(messages, **req.template_kwargs)
+        text = tokenizer.render_chat(messages, **req.template_kwargs, **chat.template_variables(options))
     except TemplateError as exc:
         raise api.invalid("messages", str(exc)) from exc
+    chat.plan(req, options, text, tokenizer, config.reasoning_format)
     _check_room(config, req, tokenizer.min_tokens(text), "messages", at_least=True)
     tokens = tokenizer.tokenize(text, add_special=False)
     _check_prompt(config, req, tokens, "messages")
@@ -388,6 +391,8 @@ class _Output:
         self.generated = 0
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stop_early = lambda: None  # frees the sequence when a stop string ends the text
+        # Splits a chat reply into content, reasoning and tool calls (chat.ChatParser); None: text as it is.
+        self.parser = chat.parser(req.chat) if req.kind == "chat" else None
 
     def token(self, token: int) -> None:
         if self.done.done():
@@ -395,18 +400,33 @@ class _Output:
         self.generated += 1
         piece = self.text.push(token)
         if piece:
-            self.piece(piece)
-        if self.text.stopped:
+            self._text(piece)
+        if self.text.stopped or (self.parser is not None and self.parser.done):
             self.stop_early()
-            self.end("stop")
+            self.finish("stop")
 
     def finish(self, reason: str) -> None:
         if self.done.done():
             return
         tail = self.text.finish()
         if tail:
-            self.piece(tail)
+            self._text(tail)
+        if self.parser is not None:
+            for delta in self.parser.finish():
+                self.delta(delta)
+            reason = self.parser.finish_reason(reason)
         self.end(reason)
+
+    def _text(self, text: str) -> None:
+        if self.parser is None:
+            self.piece(text)
+            return
+        for delta in self.parser.feed(text):
+            self.delta(delta)
+
+    def delta(self, delta: dict) -> None:
+        """One of chat.ChatParser's deltas."""
+        raise NotImplementedError
 
     def fail(self, message: str) -> None:
         if not self.done.done():
@@ -435,11 +455,15 @@ class _Collected(_Output):
     def __init__(self, tokenizer: Tokenizer, req: GenerationRequest, prompt_n: int):
         super().__init__(tokenizer, req, prompt_n)
         self.pieces: list[str] = []
+        self.message = chat.Message()
         self.reason: str | None = None
         self.failure: str | None = None
 
     def piece(self, text: str) -> None:
         self.pieces.append(text)
+
+    def delta(self, delta: dict) -> None:
+        self.message.add(delta)
 
     def end(self, reason: str) -> None:
         self.reason = reason
@@ -454,7 +478,10 @@ async def _collect(req: GenerationRequest, output: _Collected) -> web.Response:
     if output.failure is not None:
         raise ApiError(503, output.failure, kind="server_error", code="engine_failed")
     text = "".join(output.pieces)
-    return _json(200, api.completion_body(req, text, output.reason, output.prompt_n, output.generated))
+    body = api.completion_body(req, text, output.reason, output.prompt_n, output.generated)
+    if output.parser is not None:
+        output.message.fill(body["choices"][0]["message"])
+    return _json(200, body)
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -502,6 +529,14 @@ class _EventStream(_Output):
 
     def piece(self, text: str) -> None:
         self._write(f"data: {self.before}{json.dumps(text)}{self.after}\n\n".encode())
+
+    def delta(self, delta: dict) -> None:
+        if "content" in delta:
+            self.piece(delta["content"])
+            return
+        body = api.chunk_body(self.req, None, None)
+        body["choices"][0]["delta"] = delta
+        self._event(body)
 
     def end(self, reason: str) -> None:
         req = self.req

@@ -2,7 +2,8 @@
 
 ``python -m inference synth-model --shape tiny --quant q8_0 --out tiny.gguf`` writes a model of the
 llama.cpp architecture ``qwen3moe`` (the one Qwen3-30B-A3B converts to) with every tensor name, shape and
-metadata key that llama.cpp's loader asks for, a byte-level BPE vocabulary and a ChatML chat template. The
+metadata key that llama.cpp's loader asks for, a byte-level BPE vocabulary and a chat template with Qwen3's
+conventions (ChatML turns, tools, tool calls and responses, thinking; see CHAT_TEMPLATE). The
 model says nothing useful, but it exercises exactly the code that the real one does: same graph, same MoE
 routing, same tokenizer type, same quantized matmuls, and (for the ``qwen3-30b-a3b`` shape) the same
 tensor sizes. Tests and benchmarks can therefore run without a multi-gigabyte download.
@@ -52,10 +53,14 @@ Memory and time
 Vocabulary
     Byte-level BPE like Qwen's (``tokenizer.ggml.model`` = ``gpt2``, ``tokenizer.ggml.pre`` = ``qwen2``): the
     256 byte tokens in GPT-2's byte-to-unicode form, then merges learnt from a small built-in English text,
-    then merges generated deterministically until the vocabulary is full, then Qwen's special tokens
-    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` (CONTROL). As in Qwen3, eos is ``<|im_end|>``, bos
-    and pad are ``<|endoftext|>`` and no bos is added. The ``qwen3-30b-a3b`` shape puts the special tokens
-    at Qwen3's ids (151643...) and fills the rest of the 151936 rows with unused ``[PADn]`` tokens. With
+    then merges generated deterministically until the vocabulary is full, then Qwen3's 26 added tokens
+    (``SPECIAL_TOKENS``): ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` and the other ``<|...|>`` ones
+    CONTROL, ``<tool_call>``, ``</tool_call>``, ``<tool_response>``, ``</tool_response>``, ``<think>``,
+    ``</think>`` USER_DEFINED (printed in replies), as in Qwen3's GGUF files. As in Qwen3, eos is
+    ``<|im_end|>``, bos and pad are ``<|endoftext|>`` and no bos is added; llama.cpp also ends generation at
+    ``<|fim_pad|>``, ``<|repo_name|>`` and ``<|file_sep|>``. The ``qwen3-30b-a3b`` shape puts the added
+    tokens at Qwen3's ids (151643 to 151668) and fills the rest of the 151936 rows with unused ``[PADn]``
+    tokens; smaller shapes end with them. With
     only ~600 merges learnt from real text, English takes about 1.8 characters per token (Qwen's own
     tokenizer: about 4), so benchmarks should compare token counts, not characters. Any UTF-8 text
     round-trips exactly through llama.cpp's tokenizer and detokenizer.
@@ -82,7 +87,39 @@ import numpy as np
 
 ARCH = "qwen3moe"
 QUANTS = ("q8_0", "q4_0", "q4_k")
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen3's added tokens, in the order of its vocabulary (ids 151643 to 151668). Those of Qwen's tokenizer
+# marked not special (tool calls, tool responses, thinking, fill-in-the-middle) are USER_DEFINED, as in
+# Qwen3's GGUF files: their text is printed when detokenizing, so a reply shows them, and they are matched in
+# any text; the others are CONTROL.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+)
+USER_DEFINED_TOKENS = frozenset(t for t in SPECIAL_TOKENS if not t.startswith("<|"))
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|endoftext|>"
@@ -95,20 +132,58 @@ ROUTER_STD = 2.0
 # Rows the q4_k requantizer may hold at once (llama.cpp's default is 8 GiB).
 QUANTIZE_BUF_BYTES = 256 << 20
 
-# Qwen3-style ChatML: <|im_start|>role\ncontent<|im_end|>\n, then the assistant header when asked.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+# Qwen3's chat conventions, in a template of our own: ChatML turns (<|im_start|>role\ncontent<|im_end|>\n);
+# tools listed as JSON signatures in a <tools> block of the system turn, with the <tool_call> reply format;
+# an assistant's tool calls as <tool_call>{"name": ..., "arguments": ...}</tool_call> after its text; tool
+# results as <tool_response> blocks in a user turn (consecutive ones share it); the reasoning (<think>...
+# </think>) of assistant turns before the last user message dropped; and ``enable_thinking`` false writing
+# an empty think block after the assistant header, so that the model answers without reasoning.
+CHAT_TEMPLATE = """\
+{%- set ns = namespace(last_user=-1) -%}
+{%- for m in messages -%}
+  {%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+{%- if tools -%}
+  {{- '<|im_start|>system\\n' -}}
+  {%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}
+  {{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' -}}
+  {{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}
+  {%- for tool in tools -%}{{- '\\n' -}}{{- tool | tojson -}}{%- endfor -%}
+  {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments ' -}}
+  {{- 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n' -}}
+  {{- '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}
+{%- elif messages[0]['role'] == 'system' -%}
+  {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}
+{%- endif -%}
+{%- for m in messages -%}
+  {%- set content = m['content'] if m['content'] is string else '' -%}
+  {%- if m['role'] == 'system' and loop.first -%}
+  {%- elif m['role'] == 'tool' -%}
+    {%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+    {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}
+    {%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}
+  {%- elif m['role'] == 'assistant' -%}
+    {%- if loop.index0 < ns.last_user and '</think>' in content -%}
+      {%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
+    {%- endif -%}
+    {{- '<|im_start|>assistant\\n' + content -}}
+    {%- for call in m['tool_calls'] or [] -%}
+      {%- set f = call['function'] if call['function'] is defined else call -%}
+      {%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}
+      {{- '<tool_call>\\n{"name": ' -}}{{- f['name'] | tojson -}}{{- ', "arguments": ' -}}
+      {%- if f['arguments'] is string -%}{{- f['arguments'] -}}{%- else -%}{{- f['arguments'] | tojson -}}{%- endif -%}
+      {{- '}\\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + m['role'] + '\\n' + content + '<|im_end|>\\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|im_start|>assistant\\n' -}}
+  {%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}
+{%- endif -%}
+"""
 
 
 class SynthError(Exception):
@@ -429,7 +504,7 @@ class Vocab:
 @functools.cache
 def build_vocab(n_vocab: int, first_special: int | None = None) -> Vocab:
     """A deterministic byte-level BPE vocabulary of ``n_vocab`` tokens (see the module docstring)."""
-    normal, control, unused = 1, 3, 5
+    normal, control, user_defined, unused = 1, 3, 4, 5
     if first_special is None:
         first_special = n_vocab - len(SPECIAL_TOKENS)
     if first_special < 257 or first_special + len(SPECIAL_TOKENS) > n_vocab:
@@ -462,7 +537,7 @@ def build_vocab(n_vocab: int, first_special: int | None = None) -> Vocab:
     for t in SPECIAL_TOKENS:
         special[t] = len(tokens)
         tokens.append(t)
-        types.append(control)
+        types.append(user_defined if t in USER_DEFINED_TOKENS else control)
     while len(tokens) < n_vocab:
         tokens.append(f"[PAD{len(tokens)}]")
         types.append(unused)

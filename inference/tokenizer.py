@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import datetime
+import json
 import uuid
 from collections.abc import Iterable
 
@@ -28,6 +29,14 @@ class TemplateError(ValueError):
 
 def _raise_exception(message: str):
     raise TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """``tojson`` as chat templates expect it (transformers' and llama.cpp's): plain JSON in the order given,
+    not Jinja's HTML-safe JSON with sorted keys and ``<`` escaped."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 class Tokenizer:
@@ -61,6 +70,7 @@ class Tokenizer:
         source = self.metadata("tokenizer.chat_template") or CHATML_TEMPLATE
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
         env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = _tojson
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         self.chat_template = env.from_string(source)
 
@@ -126,6 +136,11 @@ class Tokenizer:
 
     def detokenize(self, tokens: Iterable[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def single_token(self, text: str) -> int | None:
+        """The id of the one token that ``text`` tokenizes to (such as ``<think>``), or None."""
+        tokens = self.tokenize(text, add_special=False)
+        return tokens[0] if len(tokens) == 1 else None
 
     def is_eog(self, token: int) -> bool:
         return bool(self.lc.llama_vocab_is_eog(self.vocab, token))

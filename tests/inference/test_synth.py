@@ -95,22 +95,32 @@ def test_vocab_is_byte_level_bpe_with_qwen_special_tokens():
     assert len(v.tokens) == 1024 and len(set(v.tokens)) == 1024
     assert v.tokens[:3] == ["!", '"', "#"] and "Ġ" in v.tokens[:256] and "Ċ" in v.tokens[:256]
     assert sorted(v.tokens[:256]) == sorted(synth.bytes_to_unicode())
-    assert len(v.merges) == 1024 - 256 - 3
+    n_special = len(synth.SPECIAL_TOKENS)
+    assert n_special == 26
+    assert len(v.merges) == 1024 - 256 - n_special
     known = set(v.tokens[:256])
     for i, merge in enumerate(v.merges):
         a, b = merge.split(" ")
         assert a in known and b in known
         assert v.tokens[256 + i] == a + b
         known.add(a + b)
-    assert v.special == {"<|endoftext|>": 1021, "<|im_start|>": 1022, "<|im_end|>": 1023}
-    assert v.types[-3:] == [3, 3, 3] and set(v.types[:-3]) == {1}
+    assert v.special == {t: 998 + i for i, t in enumerate(synth.SPECIAL_TOKENS)}
+    assert v.special["<|im_end|>"] == 1000 and v.special["<think>"] == 1022
+    control, user_defined = 3, 4
+    assert v.types[998:1001] == [control] * 3
+    assert [v.types[v.special[t]] for t in ("<tool_call>", "</tool_call>", "<think>", "</think>")] == [
+        user_defined
+    ] * 4
+    assert set(v.types[:998]) == {1}
     assert "Ġthe" in v.tokens  # merges learnt from English text come first
 
 
 def test_qwen3_30b_a3b_vocab_uses_qwen3_special_ids():
     v = synth.build_vocab(151936, 151643)
-    assert v.special == {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
-    assert v.tokens[151646] == "[PAD151646]" and v.types[151646] == 5
+    assert v.special["<|endoftext|>"] == 151643 and v.special["<|im_end|>"] == 151645
+    assert v.special["<tool_call>"] == 151657 and v.special["</tool_call>"] == 151658
+    assert v.special["<tool_response>"] == 151665 and v.special["</think>"] == 151668
+    assert v.tokens[151669] == "[PAD151669]" and v.types[151669] == 5
     assert len(v.tokens) == 151936
 
 
@@ -181,12 +191,22 @@ def test_tokenize_detokenize_round_trip(models, text):
 
 def test_special_tokens(models):
     llm = _load(models["q8_0"], vocab_only=True)
-    assert llm.token_eos() == 1023 and llm.token_bos() == 1021
+    assert llm.token_eos() == 1000 and llm.token_bos() == 998
     ids = llm.tokenize(b"<|im_start|>user\nhi<|im_end|>\n", add_bos=False, special=True)
-    assert ids[0] == 1022 and 1023 in ids
-    assert 1022 not in llm.tokenize(b"<|im_start|>", add_bos=False, special=False)
-    assert llama_cpp.llama_vocab_is_eog(llm._model.vocab, 1023)
-    assert llama_cpp.llama_vocab_is_control(llm._model.vocab, 1021)
+    assert ids[0] == 999 and 1000 in ids
+    assert 999 not in llm.tokenize(b"<|im_start|>", add_bos=False, special=False)
+    assert llama_cpp.llama_vocab_is_eog(llm._model.vocab, 1000)
+    assert llama_cpp.llama_vocab_is_control(llm._model.vocab, 998)
+    # As in Qwen3: tool-call and thinking tags are one token each, printed in replies, and not control.
+    assert llm.tokenize(b"<tool_call>\n{}</tool_call>", add_bos=False, special=False) == [
+        1012,
+        198,
+        90,
+        92,
+        1013,
+    ]
+    assert llm.detokenize([1022, 1023]) == b"<think></think>"
+    assert not llama_cpp.llama_vocab_is_control(llm._model.vocab, 1022)
 
 
 def test_chat_template(models):
