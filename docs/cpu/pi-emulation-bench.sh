@@ -31,7 +31,11 @@ build() {
   [ -e "$BIN/libllama.so" ] && return 0
   mkdir -p "$W" && tar xzf "$CARRY/llama.cpp-src.tar.gz" -C "$W"
   local started=$SECONDS
-  cmake -S "$W/llama.cpp" -B "$BUILD" -DGGML_RPC=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
+  # The system compiler: a toolchain that links libstdc++ statically into every shared library (as some
+  # machine images set up through CC/CXX) gives the Python process two libstdc++ copies, and llama.cpp then
+  # crashes in its model loader. RDMA stays off, as on a Pi (the transport is auto-detected from libibverbs).
+  CC=${BUILD_CC:-gcc} CXX=${BUILD_CXX:-g++} \
+  cmake -S "$W/llama.cpp" -B "$BUILD" -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DCMAKE_BUILD_TYPE=Release >"$RES/build.log" 2>&1 || return 1
   cmake --build "$BUILD" --target llama -j "$(nproc)" >>"$RES/build.log" 2>&1 || return 1
