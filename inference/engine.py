@@ -240,15 +240,9 @@ class Engine:
                 f"{len(self.rpc_handles)}"
             )
 
-        class BuftOverride(ctypes.Structure):  # struct llama_model_tensor_buft_override (llama.h)
-            _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-        patterns = [rf"\.shard{k}\.weight$".encode() for k in range(len(self.rpc_handles))]
-        overrides = (BuftOverride * (len(patterns) + 1))()
-        for k, (pattern, (_, handle)) in enumerate(zip(patterns, self.rpc_handles, strict=True)):
-            overrides[k].pattern, overrides[k].buft = pattern, ggml.buffer_type(handle)
-        self._buft_overrides = overrides
-        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        patterns = [rf"\.shard{k}\.weight$" for k in range(len(self.rpc_handles))]
+        buffer_types = [ggml.buffer_type(handle) for _, handle in self.rpc_handles]
+        self._override_buffer_types(params, list(zip(patterns, buffer_types, strict=True)))
         local_gpus = [
             d for d in ggml.devices() if d.kind in ("gpu", "igpu") and d.name not in self._rpc_names()
         ]
@@ -259,6 +253,29 @@ class Engine:
             params.tensor_split = self._tensor_split
         else:
             params.n_gpu_layers = 0
+
+    def _keep_output_on_head(self, params) -> None:
+        """Layer split: the output matrix on the head (its first GPU, else its CPU), not on the device of the
+        last layers, so that one hidden state per token crosses the link instead of n_vocab logits (151,936
+        floats, 0.6 MB, for Qwen3)."""
+        from inference import ggml
+
+        rpc = {handle for _, handle in self.rpc_handles}
+        gpus = [h for h in ggml.device_handles() if h not in rpc and ggml.describe(h).kind in ("gpu", "igpu")]
+        head = gpus[0] if gpus else ggml.cpu_device()
+        self._override_buffer_types(params, [(r"^output\.weight$", ggml.buffer_type(head))])
+
+    def _override_buffer_types(self, params, placements: list[tuple[str, int]]) -> None:
+        """Set ``tensor_buft_overrides``: each (regular expression over tensor names, buffer type)."""
+
+        class BuftOverride(ctypes.Structure):  # struct llama_model_tensor_buft_override (llama.h)
+            _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+        overrides = (BuftOverride * (len(placements) + 1))()  # ends with a null pattern
+        for k, (pattern, buft) in enumerate(placements):
+            overrides[k].pattern, overrides[k].buft = pattern.encode(), buft
+        self._buft_overrides = overrides  # kept alive for the model's life
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
 
     def _rpc_names(self) -> set[str]:
         return {device.name for device in self.rpc_devices}
@@ -273,6 +290,8 @@ class Engine:
             params.tensor_split = self._tensor_split
         if config.split == "experts":
             self._place_expert_slices(params)
+        elif config.split == "layer" and config.rpc:
+            self._keep_output_on_head(params)
         if config.experts_used is not None:
             arch = self._architecture()
             overrides = (lc.llama_model_kv_override * 2)()

@@ -179,10 +179,23 @@ def describe(dev: int) -> Device:
     )
 
 
+def device_handles() -> list[int]:
+    """Handles of every device in the registry that llama.cpp's model loader sees, in order."""
+    lib = libggml()
+    return [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+
+
 def devices() -> list[Device]:
     """Every device in the registry that llama.cpp's model loader sees, in order."""
-    lib = libggml()
-    return [describe(lib.ggml_backend_dev_get(i)) for i in range(lib.ggml_backend_dev_count())]
+    return [describe(handle) for handle in device_handles()]
+
+
+def cpu_device() -> int:
+    """The handle of this machine's CPU device."""
+    handle = libggml().ggml_backend_dev_by_type(0)
+    if not handle:
+        raise GgmlError("this llama.cpp build has no CPU device")
+    return handle
 
 
 def add_rpc_server(endpoint: str) -> list[Device]:
