@@ -234,6 +234,11 @@ def test_greedy_completion_through_the_cluster_equals_a_local_run(converged, tmp
     status, body = api("/v1/completions", {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}, key=key)
     assert status == 200, body
     assert body["choices"][0]["text"] == expected
+    # The inventory's expert split: the head serves the copy with every layer's experts cut four ways.
+    assert "--split experts" in on(GPU, "systemctl show -p ExecStart --value llmfleet-head.service")
+    assert re.search(
+        r"synth-tiny-q8_0-[0-9a-f]{16}-experts4-v\d+\.gguf", on(GPU, "ls /var/lib/llmfleet/sharded")
+    )
 
 
 @pytest.mark.parametrize(

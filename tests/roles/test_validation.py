@@ -25,7 +25,7 @@ CASES = {
     "head_split_unknown": (
         "inference_head",
         {**HEAD, "inference_head_split": "diagonal"},
-        ["inference_head_split", "layer, tensor, none"],
+        ["inference_head_split", "layer, tensor, experts, none"],
     ),
     "head_url_without_digest": (
         "inference_head",
@@ -48,6 +48,11 @@ CASES = {
         "inference_head",
         {**HEAD, "inference_head_split": "tensor", "inference_head_flash_attn": "off"},
         ["tensor split needs flash attention"],
+    ),
+    "head_expert_split_without_workers": (
+        "inference_head",
+        {**HEAD, "inference_head_split": "experts", "inference_head_rpc_workers": []},
+        ["inference_head_split experts", "the expert split RPC workers"],
     ),
     "head_cuda_without_a_build": (
         "inference_head",
