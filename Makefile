@@ -93,7 +93,7 @@ cluster-wheelhouse: install
 	$(BIN)/python -m tests.cluster wheelhouse
 
 # Tuning roles whose molecule scenario (apply, idempotence, verify, reboot, verify again) runs on the cluster.
-MOLECULE_ROLES := cpu_tuning memory_tuning storage_tuning cpu_pinning cgroup_slices debloat
+MOLECULE_ROLES := cpu_tuning memory_tuning storage_tuning cpu_pinning pi_boot cgroup_slices debloat
 
 test: lint cluster-wheelhouse
 	$(BIN)/pytest

@@ -21,6 +21,8 @@ description:
     options, real-time throttling, cgroup version and controllers."
   - "Whether the host is a Raspberry Pi (device-tree model) and, where C(vcgencmd) exists, the
     decoded C(get_throttled) bits."
+  - "What the running kernel does, not what the boot files ask for: whether the memory cgroup controller
+    is enabled, the kernel command line, the NVMe link's speed and width, and whether a reboot is pending."
 options:
   root:
     description:
@@ -149,9 +151,42 @@ ansible_facts:
           type: dict
           sample: {rt_runtime_us: 950000, rt_period_us: 1000000}
         cgroup:
-          description: C(version) (1 or 2), C(hybrid), and the cgroup v2 C(controllers).
+          description: >-
+            C(version) (1 or 2), C(hybrid), the cgroup v2 C(controllers), C(enabled) (controller name to the
+            enabled flag of /proc/cgroups), and C(memory_controller): whether the running kernel enforces
+            memory limits (false on Raspberry Pi OS, which boots with C(cgroup_disable=memory), until
+            C(cgroup_enable=memory) is on the command line and the Pi has rebooted); null where unknown.
           type: dict
-          sample: {version: 2, hybrid: false, controllers: [cpuset, cpu, io, memory, pids]}
+          sample: {version: 2, hybrid: false, controllers: [cpuset, cpu, io, pids], memory_controller: false}
+        boot:
+          description: >-
+            C(cmdline) and C(cmdline_tokens) of the running kernel (/proc/cmdline); C(firmware_dir) where the
+            Raspberry Pi firmware's C(cmdline.txt) is (/boot/firmware, /boot, or null) with its first line
+            C(cmdline_file) and C(cmdline_file_tokens); C(cmdline_pending), the tokens of that file the running
+            kernel lacks (C(console=), which the firmware rewrites, excepted); C(reboot_required) with
+            C(reboot_required_reasons) (those tokens, or /run/reboot-required).
+          type: dict
+          sample:
+            cmdline: "reboot=w coherent_pool=1M cgroup_disable=memory console=tty1 root=PARTUUID=4e639091-02 rootwait"
+            firmware_dir: /boot/firmware
+            cmdline_pending: [cgroup_enable=memory]
+            reboot_required: true
+        nvme:
+          description: >-
+            NVMe controllers on PCIe with the link they run at and the best they could
+            (C(current_link_speed), C(current_link_gts), C(current_link_generation), C(current_link_width),
+            and the same with C(max_)). A Pi 5 runs its connector at generation 2 unless config.txt has
+            C(dtparam=pciex1_gen=3).
+          type: list
+          elements: dict
+          sample:
+            - address: "0001:01:00.0"
+              current_link_speed: 5.0 GT/s PCIe
+              current_link_generation: 2
+              current_link_width: 1
+              max_link_speed: 8.0 GT/s PCIe
+              max_link_generation: 3
+              max_link_width: 4
 """
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import re
 
+from ansible.module_utils.llmfleet_boot import token_key, tokens
 from ansible.module_utils.llmfleet_sysfs import (
     SysfsError,
     expand,
     format_cpu_list,
+    host_path,
     parse_choice,
     parse_cpu_list,
     read_attr,
@@ -26,6 +28,19 @@ PCI_ROOT = "/sys/bus/pci/devices"
 THP_ROOT = "/sys/kernel/mm/transparent_hugepage"
 CGROUP_ROOT = "/sys/fs/cgroup"
 MODEL_PATHS = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model")
+# Where Raspberry Pi firmware reads cmdline.txt and config.txt: Raspberry Pi OS 12 and Ubuntu, then older
+# Raspberry Pi OS.
+FIRMWARE_DIRS = ("/boot/firmware", "/boot")
+# Debian's flag for "a reboot is pending" (written by package scripts and by the pi_boot role); /run is
+# emptied at every boot.
+REBOOT_REQUIRED_FILE = "/run/reboot-required"
+# The firmware rewrites these tokens of cmdline.txt on their way to the kernel (console=serial0 becomes
+# console=ttyAMA10), so they are not compared with /proc/cmdline.
+REWRITTEN_BY_FIRMWARE = ("console",)
+
+PCI_CLASS_NVME = 0x0108
+# Transfer rate per lane of each PCIe generation, as sysfs writes it ("8.0 GT/s PCIe").
+PCIE_GENERATIONS = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}
 
 # CPUs within this share of the fastest one count as performance cores: it keeps both A76 clusters of
 # an RK3588 (2.4 and 2.25 GHz) and x86 "favoured" cores a few percent apart, and drops A55s (40 %).
@@ -379,18 +394,106 @@ def sched_facts(root: str) -> dict:
     }
 
 
+def parse_proc_cgroups(text: str) -> dict[str, bool]:
+    """Controller name -> enabled, from /proc/cgroups (``#subsys_name hierarchy num_cgroups enabled``)."""
+    enabled = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and not line.startswith("#"):
+            enabled[fields[0]] = fields[3] == "1"
+    return enabled
+
+
 def cgroup_facts(root: str) -> dict:
-    """Which cgroup hierarchy is mounted and, on v2, the controllers it offers."""
+    """Which cgroup hierarchy is mounted, the v2 controllers it offers, and whether memory limits work.
+
+    ``memory_controller`` is what the running kernel does, not what a boot file asks for: /proc/cgroups says
+    whether the memory controller is enabled (``cgroup_disable=memory`` turns it off), and on a pure cgroup v2
+    host it must also be offered at the root. None where neither file says.
+    """
+    proc = parse_proc_cgroups(read_attr(root, "/proc/cgroups") or "")
     controllers = read_attr(root, f"{CGROUP_ROOT}/cgroup.controllers")
     if controllers is not None:
-        return {"version": 2, "hybrid": False, "controllers": controllers.split()}
-    unified = read_attr(root, f"{CGROUP_ROOT}/unified/cgroup.controllers")
-    present = bool(expand(root, f"{CGROUP_ROOT}/*"))
+        facts = {"version": 2, "hybrid": False, "controllers": controllers.split()}
+    else:
+        unified = read_attr(root, f"{CGROUP_ROOT}/unified/cgroup.controllers")
+        present = bool(expand(root, f"{CGROUP_ROOT}/*"))
+        facts = {
+            "version": 1 if present or unified is not None else None,
+            "hybrid": unified is not None,
+            "controllers": unified.split() if unified else [],
+        }
+    memory = proc.get("memory")
+    if facts["version"] == 2 and (memory is None or memory):
+        memory = "memory" in facts["controllers"]
+    facts["memory_controller"] = memory
+    facts["enabled"] = proc
+    return facts
+
+
+def _firmware_dir(root: str) -> str | None:
+    for directory in FIRMWARE_DIRS:
+        if os.path.isfile(host_path(root, f"{directory}/cmdline.txt")):
+            return directory
+    return None
+
+
+def boot_facts(root: str) -> dict:
+    """The kernel command line the host booted with, its boot files, and whether a reboot is pending.
+
+    A reboot is pending when /run/reboot-required exists, or when cmdline.txt has a token that the running
+    kernel's command line lacks (it was edited after boot). A token removed from cmdline.txt cannot be told
+    from one the firmware adds, so removals show through /run/reboot-required alone.
+    """
+    cmdline = read_attr(root, "/proc/cmdline")
+    running = tokens(cmdline or "")
+    firmware_dir = _firmware_dir(root)
+    configured = None
+    if firmware_dir:
+        configured = (read_attr(root, f"{firmware_dir}/cmdline.txt") or "").partition("\n")[0]
+    pending = [
+        token
+        for token in tokens(configured or "")
+        if token not in running and token_key(token) not in REWRITTEN_BY_FIRMWARE
+    ]
+    flagged = os.path.exists(host_path(root, REBOOT_REQUIRED_FILE))
+    reasons = [f"{firmware_dir}/cmdline.txt has {token}, the running kernel does not" for token in pending]
+    if flagged:
+        reasons.insert(0, f"{REBOOT_REQUIRED_FILE} exists")
     return {
-        "version": 1 if present or unified is not None else None,
-        "hybrid": unified is not None,
-        "controllers": unified.split() if unified else [],
+        "cmdline": cmdline,
+        "cmdline_tokens": running,
+        "firmware_dir": firmware_dir,
+        "cmdline_file": configured,
+        "cmdline_file_tokens": tokens(configured or ""),
+        "cmdline_pending": pending,
+        "reboot_required": bool(reasons),
+        "reboot_required_reasons": reasons,
     }
+
+
+def _gigatransfers(text: str | None) -> float | None:
+    match = re.match(r"^([0-9.]+) GT/s", text or "")
+    return float(match.group(1)) if match else None
+
+
+def nvme_facts(root: str) -> list[dict]:
+    """NVMe controllers on PCIe (class 0x0108xx) and the speed and width their link runs at and could run at."""
+    drives = []
+    for path in expand(root, f"{PCI_ROOT}/*"):
+        pci_class = read_int(root, f"{path}/class")
+        if pci_class is None or pci_class >> 8 != PCI_CLASS_NVME:
+            continue
+        link = {}
+        for side in ("current", "max"):
+            speed = read_attr(root, f"{path}/{side}_link_speed")
+            rate = _gigatransfers(speed)
+            link[f"{side}_link_speed"] = speed
+            link[f"{side}_link_gts"] = rate
+            link[f"{side}_link_generation"] = PCIE_GENERATIONS.get(rate) if rate else None
+            link[f"{side}_link_width"] = read_int(root, f"{path}/{side}_link_width")
+        drives.append({"address": os.path.basename(path), **link})
+    return drives
 
 
 def gather(root: str = "/", throttled_output: str | None = None) -> dict:
@@ -423,4 +526,6 @@ def gather(root: str = "/", throttled_output: str | None = None) -> dict:
         "throttled": throttled,
         "sched": sched_facts(root),
         "cgroup": cgroup_facts(root),
+        "boot": boot_facts(root),
+        "nvme": nvme_facts(root),
     }

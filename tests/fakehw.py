@@ -15,6 +15,85 @@ CPU = "sys/devices/system/cpu"
 PI5_MODEL = "Raspberry Pi 5 Model B Rev 1.0"
 RK3588_MODEL = "Radxa ROCK 5 Model B"
 NVIDIA_GPU_ADDRESS = "0000:81:00.0"
+# The Pi 5's external PCIe connector is domain 0001; its NVMe drive sits at bus 1.
+PI5_NVME_ADDRESS = "0001:01:00.0"
+
+# Raspberry Pi OS 12 as installed: cmdline.txt (one line) and config.txt (its filters end in [all]).
+PI5_CMDLINE_TXT = (
+    "console=serial0,115200 console=tty1 root=PARTUUID=4e639091-02 rootfstype=ext4 fsck.repair=yes rootwait "
+    "quiet splash plymouth.ignore-serial-consoles\n"
+)
+PI5_CONFIG_TXT = """# For more options and information see
+# http://rptl.io/configtxt
+# Some settings may impact device functionality. See link above for details
+
+# Uncomment some or all of these to enable the optional hardware interfaces
+#dtparam=i2c_arm=on
+#dtparam=i2s=on
+#dtparam=spi=on
+
+# Enable audio (loads snd_bcm2835)
+dtparam=audio=on
+
+# Automatically load overlays for detected cameras
+camera_auto_detect=1
+
+# Automatically load overlays for detected DSI displays
+display_auto_detect=1
+
+# Automatically load initramfs files, if found
+auto_initramfs=1
+
+# Enable DRM VC4 V3D driver
+dtoverlay=vc4-kms-v3d
+max_framebuffers=2
+
+# Don't have the firmware create an initial video= setting in cmdline.txt.
+# Use the kernel's default instead.
+disable_fw_kms_setup=1
+
+# Run in 64-bit mode
+arm_64bit=1
+
+# Disable compensation for displays with overscan
+disable_overscan=1
+
+# Run as fast as firmware / board allows
+arm_boost=1
+
+[cm4]
+# Enable host mode on the 2711 built-in XHCI USB controller.
+# This line should be removed if the legacy DWC2 controller is required
+# (e.g. for USB device mode) or if USB support is not required.
+otg_mode=1
+
+[cm5]
+dtoverlay=dwc2,dr_mode=host
+
+[all]
+"""
+# What the Pi 5 firmware puts before cmdline.txt's line; it turns the memory cgroup controller off.
+PI5_FIRMWARE_CMDLINE = (
+    "reboot=w coherent_pool=1M 8250.nr_uarts=1 pci=pcie_bus_safe cgroup_disable=memory numa_policy=interleave "
+    "smsc95xx.macaddr=2C:CF:67:00:00:01 vc_mem.mem_base=0x3fc00000 vc_mem.mem_size=0x40000000"
+)
+PROC_CGROUPS_HEADER = "#subsys_name\thierarchy\tnum_cgroups\tenabled\n"
+CGROUP_V2_CONTROLLERS = (
+    "cpuset",
+    "cpu",
+    "cpuacct",
+    "blkio",
+    "memory",
+    "devices",
+    "freezer",
+    "net_cls",
+    "perf_event",
+    "net_prio",
+    "hugetlb",
+    "pids",
+    "rdma",
+    "misc",
+)
 BMC_VGA_ADDRESS = "0000:02:00.0"
 
 
@@ -149,6 +228,36 @@ class FakeHost:
     def cgroup2(self, controllers: str = "cpuset cpu io memory hugetlb pids rdma misc") -> None:
         self.write("sys/fs/cgroup/cgroup.controllers", controllers)
 
+    def proc_cgroups(self, disabled: tuple[str, ...] = ()) -> None:
+        """/proc/cgroups of a cgroup v2 kernel: every controller on hierarchy 0, enabled unless disabled."""
+        rows = "".join(f"{name}\t0\t1\t{0 if name in disabled else 1}\n" for name in CGROUP_V2_CONTROLLERS)
+        self.write("proc/cgroups", PROC_CGROUPS_HEADER + rows)
+
+    def pi_boot(self, cmdline_txt: str = PI5_CMDLINE_TXT, config_txt: str = PI5_CONFIG_TXT) -> None:
+        """A Pi booted from these boot files: /proc/cmdline and /proc/cgroups as its kernel shows them.
+
+        The kernel reads its command line left to right, so the last of cgroup_disable=memory (the
+        firmware's) and cgroup_enable=memory decides.
+        """
+        self.write("boot/firmware/cmdline.txt", cmdline_txt)
+        self.write("boot/firmware/config.txt", config_txt)
+        line = f"{PI5_FIRMWARE_CMDLINE} {cmdline_txt.splitlines()[0].strip()}"
+        self.write("proc/cmdline", line)
+        self.path("run").mkdir(parents=True, exist_ok=True)
+        memory = "on"
+        for token in line.split():
+            if token in ("cgroup_disable=memory", "cgroup_enable=memory"):
+                memory = "off" if token == "cgroup_disable=memory" else "on"
+        self.proc_cgroups(disabled=("memory",) if memory == "off" else ())
+        offered = "cpuset cpu io memory hugetlb pids rdma misc"
+        self.cgroup2(offered if memory == "on" else offered.replace("memory ", ""))
+        gen3 = any(line.strip() == "dtparam=pciex1_gen=3" for line in config_txt.splitlines())
+        base = f"sys/bus/pci/devices/{PI5_NVME_ADDRESS}"
+        self.write(f"{base}/current_link_speed", "8.0 GT/s PCIe" if gen3 else "5.0 GT/s PCIe")
+        self.write(f"{base}/current_link_width", "1")
+        self.write(f"{base}/max_link_speed", "8.0 GT/s PCIe")
+        self.write(f"{base}/max_link_width", "4")
+
 
 def raspberry_pi_5(root: Path) -> FakeHost:
     """Four Cortex-A76 on one clock, ondemand governor, NVMe model disk, SD boot card, zram swap."""
@@ -173,8 +282,17 @@ def raspberry_pi_5(root: Path) -> FakeHost:
         "/dev/nvme0n1p1 /srv/models ext4 rw,noatime 0 0",
         "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0",
     )
-    host.pci("0000:01:00.0", "0x010802", "0x144d", "0xa80a", -1)
-    host.cgroup2()
+    host.pci(PI5_NVME_ADDRESS, "0x010802", "0x144d", "0xa80a", -1)
+    # A Pi whose cmdline.txt already turns the memory controller back on; raspberry_pi_5_stock is one that
+    # does not.
+    host.pi_boot(cmdline_txt=PI5_CMDLINE_TXT.replace("rootwait", "rootwait cgroup_enable=memory"))
+    return host
+
+
+def raspberry_pi_5_stock(root: Path) -> FakeHost:
+    """A Pi 5 on Raspberry Pi OS as installed: memory cgroup controller off, NVMe link at PCIe gen 2."""
+    host = raspberry_pi_5(root)
+    host.pi_boot()
     return host
 
 
@@ -234,12 +352,13 @@ def x86_two_socket_gpu(root: Path) -> FakeHost:
 
 BUILDERS = {
     "pi5": raspberry_pi_5,
+    "pi5_stock": raspberry_pi_5_stock,
     "rk3588": rk3588,
     "x86": x86_two_socket_gpu,
 }
 
 
 def build(kind: str, root: Path) -> FakeHost:
-    """Build the fake host named ``kind`` (``pi5``, ``rk3588``, ``x86``) below ``root``."""
+    """Build the fake host named ``kind`` (``pi5``, ``pi5_stock``, ``rk3588``, ``x86``) below ``root``."""
     os.makedirs(root, exist_ok=True)
     return BUILDERS[kind](Path(root))

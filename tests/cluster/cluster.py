@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from tests.cluster import cgroups, config, image, network, ssh, supervisor
+from tests.cluster import cgroups, config, fakehw, image, network, ssh, supervisor
 from tests.cluster.config import HOSTS, Host
 from tests.cluster.hoststate import HostFiles
 from tests.cluster.system import (
@@ -129,6 +129,8 @@ def _create_host(host: Host, image_dir: Path) -> None:
         ]
     )  # fmt: skip
     _write_identity(host, files.root)
+    for relative, text in fakehw.boot_files(host).items():
+        write_text(files.root / relative, text)
     _attach_model_volume(host, files)
     write_text(files.image, f"{image_dir.name}\n")
     network.ensure_host_network(host)

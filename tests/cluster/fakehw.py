@@ -20,9 +20,10 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tests import fakehw as unit_fakehw
 from tests.cluster import config
 from tests.cluster.config import Host
 
@@ -116,6 +117,9 @@ class Board:
     numa_nodes: int = 1
     gpus: tuple[PciDevice, ...] = ()
     extra_settings: tuple[Setting, ...] = ()
+    # Raspberry Pi firmware: the kernel command line, the memory controller and the NVMe link follow the
+    # host's /boot/firmware files at each boot, as the firmware and kernel of a Pi make them.
+    pi_firmware: bool = False
 
 
 BOARDS: dict[str, Board] = {
@@ -123,6 +127,7 @@ BOARDS: dict[str, Board] = {
         model="Raspberry Pi 5 Model B Rev 1.0",
         cpu_capacity=1024,
         min_free_kbytes=16384,
+        pi_firmware=True,
         cpufreq=CpuFreq(
             driver="cpufreq-dt",
             governors=("ondemand", "performance", "powersave"),
@@ -307,12 +312,97 @@ def real_cpus() -> list[int]:
     return parse_cpulist(Path("/sys/devices/system/cpu/online").read_text())
 
 
-def build(host: Host, root: Path, model_device: str | None = None) -> FakeHardware:
-    """Build the host's fake tree under `root` at factory values; return it with its plan written."""
+def boot_files(host: Host) -> dict[str, str]:
+    """The boot files a new host's disk starts with: Raspberry Pi OS's on a Pi, none elsewhere."""
+    if not BOARDS[host.board].pi_firmware:
+        return {}
+    return {
+        "boot/firmware/cmdline.txt": unit_fakehw.PI5_CMDLINE_TXT,
+        "boot/firmware/config.txt": unit_fakehw.PI5_CONFIG_TXT,
+    }
+
+
+@dataclass(frozen=True)
+class PiBoot:
+    """What a Pi's firmware and kernel make of its boot files."""
+
+    cmdline: str
+    memory_controller: bool
+    pcie_gen: int
+    default_governor: str | None
+
+    @classmethod
+    def read(cls, boot_dir: Path) -> PiBoot:
+        try:
+            line = (boot_dir / "cmdline.txt").read_text(errors="replace").partition("\n")[0].strip()
+        except OSError:
+            line = ""
+        try:
+            config_lines = (boot_dir / "config.txt").read_text(errors="replace").splitlines()
+        except OSError:
+            config_lines = []
+        cmdline = f"{unit_fakehw.PI5_FIRMWARE_CMDLINE} {line}".strip()
+        memory, governor = True, None
+        # The kernel reads its command line left to right: the last word on the memory controller wins.
+        for token in cmdline.split():
+            if token in ("cgroup_disable=memory", "cgroup_enable=memory"):
+                memory = token == "cgroup_enable=memory"
+            elif token.startswith("cpufreq.default_governor="):
+                governor = token.partition("=")[2]
+        # The last dtparam=pciex1_gen= wins; filters other than [all] and [pi5] do not apply to a Pi 5.
+        gen, applies = 2, True
+        for raw in config_lines:
+            text = raw.split("#", 1)[0].strip()
+            if text.startswith("[") and text.endswith("]"):
+                applies = text in ("[all]", "[pi5]")
+            elif applies and re.fullmatch(r"dtparam=pciex1_gen=[123]", text):
+                gen = int(text[-1])
+        return cls(cmdline, memory, gen, governor)
+
+
+def _add_pi_boot(hw: FakeHardware, boot: PiBoot) -> None:
+    hw.write("/proc/cmdline", boot.cmdline + "\n")
+    hw.bind_read_only("/proc/cmdline")
+    rows = []
+    for line in Path("/proc/cgroups").read_text().splitlines():
+        fields = line.split("\t")
+        if fields[0] == "memory" and len(fields) == 4:
+            fields[3] = "1" if boot.memory_controller else "0"
+        rows.append("\t".join(fields))
+    hw.write("/proc/cgroups", "\n".join(rows) + "\n")
+    hw.bind_read_only("/proc/cgroups")
+    # The NVMe drive on the external connector: a gen 3 x4 drive on the Pi's x1 link.
+    speed = {1: "2.5 GT/s PCIe", 2: "5.0 GT/s PCIe", 3: "8.0 GT/s PCIe"}[boot.pcie_gen]
+    directory = f"/sys/bus/pci/devices/{unit_fakehw.PI5_NVME_ADDRESS}"
+    for name, value in {
+        "class": "0x010802",
+        "vendor": "0x144d",
+        "device": "0xa80a",
+        "numa_node": "-1",
+        "current_link_speed": speed,
+        "current_link_width": "1",
+        "max_link_speed": "8.0 GT/s PCIe",
+        "max_link_width": "4",
+    }.items():
+        hw.write(f"{directory}/{name}", f"{value}\n")
+    hw.bind_read_only("/sys/bus/pci/devices")
+
+
+def build(
+    host: Host, root: Path, model_device: str | None = None, boot_dir: Path | None = None
+) -> FakeHardware:
+    """Build the host's fake tree under `root` at factory values; return it with its plan written.
+
+    On a Pi the kernel command line, memory controller and NVMe link follow the boot files in `boot_dir`
+    (the host's /boot/firmware), so an edit of them shows after the next reboot and not before.
+    """
     board = BOARDS[host.board]
     hw = FakeHardware(root)
     cpus = real_cpus()
     nodes = split_nodes(cpus, board.numa_nodes)
+    boot = PiBoot.read(boot_dir) if board.pi_firmware and boot_dir is not None else None
+    if boot and boot.default_governor in board.cpufreq.governors:
+        board = replace(board, cpufreq=replace(board.cpufreq, governor=boot.default_governor))
     _add_cpus(hw, board, cpus, nodes)
     if board.numa_nodes > 1:
         _add_numa(hw, cpus, nodes)
@@ -321,6 +411,8 @@ def build(host: Host, root: Path, model_device: str | None = None) -> FakeHardwa
         _add_arm_cpuinfo(hw, host, board.model, cpus)
     if board.gpus:
         _add_pci(hw, board.gpus, nodes, len(cpus))
+    if boot:
+        _add_pi_boot(hw, boot)
     settings = (*THP_SETTINGS, *vm_settings(board), *board.extra_settings)
     if model_device:
         settings += block_settings(model_device)

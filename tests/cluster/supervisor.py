@@ -111,7 +111,9 @@ def _boot_loop(host: Host, files: HostFiles) -> int:
         # systemd-nspawn makes its cgroups below ours afresh at each start; clear the previous boot's.
         cgroups.remove(host, keep_top=True)
         remove_tree(files.fakehw)
-        hardware = fakehw.build(host, files.fakehw, model_device=files.loop_name())
+        hardware = fakehw.build(
+            host, files.fakehw, model_device=files.loop_name(), boot_dir=files.root / "boot/firmware"
+        )
         if stopping:  # asked to stop while the hardware was being built
             break
         boot = files.boot_count() + 1

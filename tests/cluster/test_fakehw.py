@@ -141,3 +141,21 @@ def test_every_setting_starts_at_its_factory_value(tmp_path: Path) -> None:
     hw = fakehw.build(host_by_name("gpu1"), tmp_path)
     for path, setting in hw.settings.items():
         assert path.read_text() == setting.render(setting.factory)
+
+
+def test_pi_boot_follows_the_boot_files(tmp_path: Path) -> None:
+    from tests import fakehw as unit_fakehw
+
+    boot = tmp_path / "boot/firmware"
+    boot.mkdir(parents=True)
+    (boot / "cmdline.txt").write_text(unit_fakehw.PI5_CMDLINE_TXT)
+    (boot / "config.txt").write_text(unit_fakehw.PI5_CONFIG_TXT)
+    stock = fakehw.PiBoot.read(boot)
+    assert (stock.memory_controller, stock.pcie_gen, stock.default_governor) == (False, 2, None)
+    assert stock.cmdline.endswith(unit_fakehw.PI5_CMDLINE_TXT.strip())
+    (boot / "cmdline.txt").write_text("rootwait cgroup_enable=memory cpufreq.default_governor=performance\n")
+    (boot / "config.txt").write_text(
+        unit_fakehw.PI5_CONFIG_TXT + "[cm5]\ndtparam=pciex1_gen=1\n[all]\ndtparam=pciex1_gen=3\n"
+    )
+    tuned = fakehw.PiBoot.read(boot)
+    assert (tuned.memory_controller, tuned.pcie_gen, tuned.default_governor) == (True, 3, "performance")

@@ -102,6 +102,15 @@ def test_site_converges_on_every_host(converged):
     assert "is ok on gpu1 with 4 of 4 workers connected" in report, report
 
 
+def test_site_ends_with_the_pis_that_wait_for_a_reboot(converged):
+    _, output = converged
+    # The Pis' cmdline.txt came as Raspberry Pi OS installs it; pi_boot added cgroup_enable=memory.
+    listed = host_results(output, "pi1")["List the hosts whose boot configuration waits for a reboot"]["msg"]
+    assert listed.startswith("REBOOT REQUIRED: pi1 (cmdline.txt: +cgroup_enable=memory")
+    assert all(f"{host.name} (" in listed for host in config.HOSTS if host.group == "rpc_workers")
+    assert "gpu1" not in listed
+
+
 def test_second_run_changes_nothing(converged):
     tmp, _ = converged
     output = site(tmp)
@@ -250,3 +259,58 @@ def test_services_expose_at_most_three(converged, host, unit):
     print(f"{host.name} {unit}: exposure {value}", file=sys.stderr)
     assert value <= 3.0
     assert on(host, f"systemctl show -p ActiveState --value {unit}").strip() == "active"
+
+
+def playbook_on(tmp_path: Path, playbook: str, *args: str) -> tuple[int, dict]:
+    vars_file = tmp_path / "site-vars.json"
+    vars_file.write_text(json.dumps(site_vars()))
+    return run_json(
+        tmp_path,
+        [str(BIN / "ansible-playbook"), "-i", str(INVENTORY), "-e", f"@{vars_file}", playbook, *args],
+        timeout=1200,
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+    )
+
+
+def tuning_facts_of(tmp_path: Path, host) -> dict:
+    _, output = run_json(
+        tmp_path,
+        [str(BIN / "ansible"), host.name, "-i", str(INVENTORY), "-m", "tuning_facts"],
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+    )
+    return output["plays"][0]["tasks"][0]["hosts"][host.name]["ansible_facts"]["tuning"]
+
+
+def test_memory_limit_on_a_pi_needs_the_reboot_then_is_in_the_worker_unit(converged, tmp_path):
+    """Last in this module: it reboots pi1 and restarts its worker."""
+    from tests.cluster.hoststate import HostFiles
+
+    limit = ["--limit", "pi1", "-e", "rpc_worker_memory_max=1G"]
+    assert tuning_facts_of(tmp_path, PI1)["cgroup"]["memory_controller"] is False
+    rc, output = playbook_on(tmp_path, "playbooks/tune.yml", *limit)
+    assert rc != 0
+    failed = [result for result in host_results(output, "pi1").values() if result.get("failed")]
+    assert len(failed) == 1, failed
+    assert " ".join(failed[0]["msg"].split()).startswith(
+        "rpc_worker_memory_max is 1G for pi1, but the memory cgroup controller is off there (/proc/cgroups says "
+        "memory is not enabled), so systemd would accept the limit and enforce nothing. "
+        "/boot/firmware/cmdline.txt already has cgroup_enable=memory, which takes effect at the next boot: set "
+        "pi_boot_reboot_ok: true"
+    )
+    assert output["stats"]["pi1"]["changed"] == 0
+
+    boots = HostFiles(PI1).boot_count()
+    rc, output = playbook_on(tmp_path, "playbooks/tune.yml", *limit, "-e", "pi_boot_reboot_ok=true")
+    assert rc == 0, output["stats"]
+    assert HostFiles(PI1).boot_count() == boots + 1
+    checked = host_results(output, "pi1")["pi_boot : Check that the kernel runs with the boot configuration"]
+    assert checked.get("failed") is not True and checked.get("skipped") is not True, checked
+    facts = tuning_facts_of(tmp_path, PI1)
+    assert facts["cgroup"]["memory_controller"] is True
+    assert "cgroup_enable=memory" in facts["boot"]["cmdline_tokens"]
+    assert facts["boot"]["reboot_required"] is False
+
+    rc, output = playbook_on(tmp_path, "playbooks/deploy.yml", *limit)
+    assert rc == 0, output["stats"]
+    assert on(PI1, "systemctl show -p MemoryMax --value llmfleet-rpc-worker.service").strip() == str(1 << 30)
+    assert on(PI1, "systemctl show -p ActiveState --value llmfleet-rpc-worker.service").strip() == "active"

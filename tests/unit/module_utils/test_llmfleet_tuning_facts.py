@@ -9,6 +9,7 @@ from ansible.module_utils.llmfleet_sysfs import SysfsError
 from ansible.module_utils.llmfleet_tuning_facts import (
     block_facts,
     board_facts,
+    boot_facts,
     cgroup_facts,
     cpu_facts,
     cpufreq_facts,
@@ -18,6 +19,7 @@ from ansible.module_utils.llmfleet_tuning_facts import (
     memory_facts,
     mount_facts,
     numa_facts,
+    nvme_facts,
     parse_mounts,
     parse_swaps,
     performance_cpus,
@@ -27,6 +29,7 @@ from ansible.module_utils.llmfleet_tuning_facts import (
     vm_facts,
 )
 
+from tests import fakehw
 from tests.fakehw import NVIDIA_GPU_ADDRESS, PI5_MODEL, RK3588_MODEL, FakeHost
 
 
@@ -328,21 +331,103 @@ def test_sched_rt_throttling(pi5, tmp_path):
 
 
 def test_cgroup_v2(pi5):
-    assert cgroup_facts(str(pi5)) == {
+    facts = cgroup_facts(str(pi5))
+    assert {key: facts[key] for key in ("version", "hybrid", "controllers", "memory_controller")} == {
         "version": 2,
         "hybrid": False,
         "controllers": ["cpuset", "cpu", "io", "memory", "hugetlb", "pids", "rdma", "misc"],
+        "memory_controller": True,
     }
 
 
 def test_cgroup_v1_hybrid_and_absent(tmp_path):
     (tmp_path / "sys/fs/cgroup/cpu").mkdir(parents=True)
-    assert cgroup_facts(str(tmp_path)) == {"version": 1, "hybrid": False, "controllers": []}
+    facts = cgroup_facts(str(tmp_path))
+    assert (facts["version"], facts["hybrid"], facts["controllers"]) == (1, False, [])
     unified = tmp_path / "sys/fs/cgroup/unified"
     unified.mkdir()
     (unified / "cgroup.controllers").write_text("\n")
-    assert cgroup_facts(str(tmp_path)) == {"version": 1, "hybrid": True, "controllers": []}
+    facts = cgroup_facts(str(tmp_path))
+    assert (facts["version"], facts["hybrid"], facts["controllers"]) == (1, True, [])
+    # Neither /proc/cgroups nor a v2 root says whether memory limits work.
+    assert facts["memory_controller"] is None
     assert cgroup_facts(str(tmp_path / "nothing"))["version"] is None
+
+
+def test_memory_controller_off_on_stock_raspberry_pi_os(tmp_path):
+    stock = fakehw.build("pi5_stock", tmp_path / "stock")
+    facts = cgroup_facts(str(stock))
+    assert facts["memory_controller"] is False
+    assert facts["enabled"]["memory"] is False and facts["enabled"]["cpu"] is True
+
+
+def test_memory_controller_follows_proc_cgroups_on_a_hybrid_host(tmp_path):
+    host = FakeHost(tmp_path)
+    host.write("sys/fs/cgroup/unified/cgroup.controllers", "")
+    host.write("proc/cgroups", "#subsys_name\thierarchy\tnum_cgroups\tenabled\nmemory\t4\t74\t1\n")
+    assert cgroup_facts(str(host))["memory_controller"] is True
+    host.write("proc/cgroups", "#subsys_name\thierarchy\tnum_cgroups\tenabled\nmemory\t0\t1\t0\n")
+    assert cgroup_facts(str(host))["memory_controller"] is False
+
+
+def test_memory_controller_on_v2_needs_the_root_to_offer_it(pi5):
+    # /proc/cgroups says enabled, but the v2 root does not offer memory (cgroup_no_v1 setups, old kernels).
+    pi5.write("sys/fs/cgroup/cgroup.controllers", "cpuset cpu io pids")
+    assert cgroup_facts(str(pi5))["memory_controller"] is False
+
+
+def test_boot_facts_of_a_stock_pi_show_the_firmware_line_and_nothing_pending(tmp_path):
+    stock = fakehw.build("pi5_stock", tmp_path / "stock")
+    facts = boot_facts(str(stock))
+    assert facts["cmdline"].startswith("reboot=w coherent_pool=1M")
+    assert "cgroup_disable=memory" in facts["cmdline_tokens"]
+    assert facts["firmware_dir"] == "/boot/firmware"
+    assert facts["cmdline_file_tokens"][-1] == "plymouth.ignore-serial-consoles"
+    assert facts["cmdline_pending"] == []
+    assert facts["reboot_required"] is False
+
+
+def test_boot_facts_see_an_edit_of_cmdline_txt_and_the_reboot_flag(tmp_path):
+    stock = fakehw.build("pi5_stock", tmp_path / "stock")
+    # The firmware passes console=serial0 on as console=ttyAMA10: not a pending change.
+    line = fakehw.PI5_CMDLINE_TXT.strip() + " cgroup_enable=memory"
+    stock.write("proc/cmdline", stock.read("proc/cmdline").replace("serial0", "ttyAMA10"))
+    stock.write("boot/firmware/cmdline.txt", line)
+    facts = boot_facts(str(stock))
+    assert facts["cmdline_pending"] == ["cgroup_enable=memory"]
+    assert facts["reboot_required_reasons"] == [
+        "/boot/firmware/cmdline.txt has cgroup_enable=memory, the running kernel does not"
+    ]
+    stock.write("run/reboot-required", "*** System restart required ***")
+    assert boot_facts(str(stock))["reboot_required_reasons"][0] == "/run/reboot-required exists"
+
+
+def test_boot_facts_find_the_older_boot_directory_or_none(tmp_path, x86):
+    host = FakeHost(tmp_path)
+    host.write("boot/cmdline.txt", "root=/dev/mmcblk0p2 rootwait")
+    assert boot_facts(str(host))["firmware_dir"] == "/boot"
+    assert boot_facts(str(x86))["firmware_dir"] is None
+    assert boot_facts(str(x86))["reboot_required"] is False
+
+
+def test_nvme_link_at_gen2_and_gen3(tmp_path, x86):
+    stock = fakehw.build("pi5_stock", tmp_path / "stock")
+    (drive,) = nvme_facts(str(stock))
+    assert drive == {
+        "address": "0001:01:00.0",
+        "current_link_speed": "5.0 GT/s PCIe",
+        "current_link_gts": 5.0,
+        "current_link_generation": 2,
+        "current_link_width": 1,
+        "max_link_speed": "8.0 GT/s PCIe",
+        "max_link_gts": 8.0,
+        "max_link_generation": 3,
+        "max_link_width": 4,
+    }
+    stock.pi_boot(config_txt=fakehw.PI5_CONFIG_TXT + "dtparam=pciex1_gen=3\n")
+    assert nvme_facts(str(stock))[0]["current_link_generation"] == 3
+    # The x86 tree's NVMe has no link attributes; the GPU is not a drive.
+    assert [drive["current_link_generation"] for drive in nvme_facts(str(x86))] == [None]
 
 
 def test_gather_is_json_ready_and_picks_nvidia_gpus(x86):

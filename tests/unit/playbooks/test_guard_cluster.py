@@ -67,15 +67,21 @@ def test_site_stops_before_the_head_when_a_worker_is_unreachable(trees, tmp_path
     run = run_playbook(REPO / "playbooks" / "site.yml", inventory, "--check", "--skip-tags", "debloat")
     assert run.returncode != 0
     assert any(task.result.get("unreachable") for task in run.host_tasks("pi2"))
-    # Only the workers' tuning and the check ran: the head was neither tuned nor deployed.
-    assert play_names(run) == ["Tune the Raspberry Pi RPC workers", GUARD_PLAY]
+    # Only the workers' boot configuration and the check ran: the head was neither tuned nor deployed. The
+    # reboot play (serial: 1) shows one batch per worker, each with no host left to run on.
+    assert play_names(run) == [
+        "Configure the boot files of the Raspberry Pi RPC workers",
+        *["Reboot the Raspberry Pis whose boot configuration changed, one at a time"] * 3,
+        GUARD_PLAY,
+    ]
+    assert [task.task for task in run.host_tasks("pi1") if "pi_boot" in task.task] == []
     assert [task.task for task in run.host_tasks("gpu1")] == [GUARD_TASK]
     message = guard_failure(run)
     # any_errors_fatal failed pi1 and pi3 when pi2 was unreachable: all three are gone.
     assert message.startswith(
         "pi1, pi2, pi3 dropped out of this run (rpc_workers: pi1, pi2, pi3; inference_head: none)"
     )
-    assert 'Stopping before "Tune the GPU inference head"' in message
+    assert 'Stopping before "Tune the Raspberry Pi RPC workers"' in message
 
 
 @pytest.mark.slow

@@ -40,6 +40,13 @@ def no_thp(root: Path) -> fakehw.FakeHost:
     return host
 
 
+def pi5_old_boot_dir(root: Path) -> fakehw.FakeHost:
+    host = fakehw.build("pi5", root)
+    host.path("boot/firmware/cmdline.txt").rename(host.path("boot/firmware/moved.txt"))
+    host.write("boot/cmdline.txt", fakehw.PI5_CMDLINE_TXT)
+    return host
+
+
 TREES = {
     "pi5": lambda root: fakehw.build("pi5", root),
     "rk3588": lambda root: fakehw.build("rk3588", root),
@@ -48,6 +55,8 @@ TREES = {
     "pi5_cgroup_hybrid": cgroup_hybrid,
     "pi5_old_thp": old_thp,
     "pi5_no_thp": no_thp,
+    "pi5_stock": lambda root: fakehw.build("pi5_stock", root),
+    "pi5_old_boot_dir": pi5_old_boot_dir,
 }
 
 # case: (tree, role, variables, fragment of the failure message)
@@ -241,6 +250,55 @@ FAILURES = {
         "cgroup_slices",
         {"cgroup_slices_inference_allowed_cpus": [1, 2, 3]},
         "has\ncgroup version 1 (hybrid)",
+    ),
+    "slice_memory_limit_without_memory_controller": (
+        "pi5_stock",
+        "cgroup_slices",
+        {"cgroup_slices_inference_memory_high": "6G"},
+        "cgroup_slices_inference_memory_high is 6G for slice_memory_limit_without_memory_controller, but the "
+        "memory cgroup controller is off there (/proc/cgroups says memory is not enabled), so systemd would "
+        "accept the limit and enforce nothing. Raspberry Pi OS boots with cgroup_disable=memory. Add "
+        "cgroup_enable=memory to the one line of /boot/firmware/cmdline.txt and reboot, or set "
+        "pi_boot_reboot_ok: true",
+    ),
+    "pi_boot_memory_limit_without_reboot": (
+        "pi5_stock",
+        "pi_boot",
+        {"rpc_worker_memory_max": "7G"},
+        "rpc_worker_memory_max is 7G for pi_boot_memory_limit_without_reboot, but the memory cgroup controller "
+        "is off there",
+    ),
+    "pi_boot_memory_limit_without_memory_cgroup": (
+        "pi5_stock",
+        "pi_boot",
+        {"rpc_worker_memory_high": "6G", "pi_boot_reboot_ok": True, "pi_boot_memory_cgroup": False},
+        "rpc_worker_memory_high is 6G for pi_boot_memory_limit_without_memory_cgroup",
+    ),
+    "pi_boot_pcie_gen_4": (
+        "pi5",
+        "pi_boot",
+        {"pi_boot_pcie_gen": 4, "pi_boot_default_governor": "schedutil"},
+        'Found pi_boot_default_governor "schedutil" (expected null or a governor pi_boot_pcie_gen_4 offers: '
+        "ondemand performance powersave) and pi_boot_pcie_gen 4 (expected null, 1, 2 or 3",
+    ),
+    "pi_boot_config_section": (
+        "pi5",
+        "pi_boot",
+        {"pi_boot_config_lines": ["[pi5]"]},
+        'pi_boot_config_lines has "[pi5]"; expected one setting per entry such as dtparam=pciex1',
+    ),
+    "pi_boot_cmdline_two_tokens": (
+        "pi5",
+        "pi_boot",
+        {"pi_boot_cmdline_absent": ["quiet splash"]},
+        'pi_boot_cmdline_absent has "quiet splash"; expected one kernel parameter per entry',
+    ),
+    "pi_boot_old_boot_dir": (
+        "pi5_old_boot_dir",
+        "pi_boot",
+        {},
+        "pi_boot_firmware_dir is /boot/firmware, but pi_boot_old_boot_dir has its cmdline.txt in /boot. "
+        "Set pi_boot_firmware_dir to /boot.",
     ),
     "debloat_ssh": (
         "pi5",
