@@ -116,6 +116,14 @@ REQUEST_FIELDS: dict[str, Field] = {
         BOTH,
         "llama.cpp extension; true generates past end-of-generation tokens up to `max_tokens`.",
     ),
+    "cache_prompt": Field(
+        HONOURED,
+        BOTH,
+        "llama.cpp extension; default true: the prompt starts after the longest prefix that a free sequence's "
+        "KV cache holds from an earlier request, such as the conversation so far "
+        "(`usage.prompt_tokens_details.cached_tokens` counts it); false computes the whole prompt. Off for "
+        "every request with `serve --no-cache-prompt`.",
+    ),
     "n": Field(REFUSED, BOTH, "one choice per request is supported; send n requests", inert=(1,)),
     "logprobs": Field(
         REFUSED, BOTH, "log probabilities are not supported by this server; leave logprobs out", (False, 0)
@@ -582,6 +590,7 @@ def _common(
         "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
         "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         "ignore_eos": _boolean(body, "ignore_eos"),
+        "cache_prompt": _boolean(body, "cache_prompt", default=True),
         "logit_bias": _logit_bias(body, n_vocab),
     }
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
@@ -750,15 +759,19 @@ def parse_chat(body, model_alias: str, n_vocab: int | None = None) -> tuple[Gene
 # from the schema with required-field checks refuse an object without it.
 
 
-def _usage(prompt_n: int, completion_n: int) -> dict:
+def _usage(prompt_n: int, completion_n: int, cached_n: int) -> dict:
     return {
         "prompt_tokens": prompt_n,
         "completion_tokens": completion_n,
         "total_tokens": prompt_n + completion_n,
+        "prompt_tokens_details": {"cached_tokens": cached_n},
     }
 
 
-def completion_body(req: GenerationRequest, text: str, finish: str, prompt_n: int, completion_n: int) -> dict:
+def completion_body(
+    req: GenerationRequest, text: str, finish: str, prompt_n: int, completion_n: int, cached_n: int = 0
+) -> dict:
+    """A whole reply; ``cached_n`` of the ``prompt_n`` prompt tokens came from the KV cache."""
     if req.kind == "completion":
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
@@ -772,7 +785,7 @@ def completion_body(req: GenerationRequest, text: str, finish: str, prompt_n: in
         "created": req.created,
         "model": req.model,
         "choices": [choice],
-        "usage": _usage(prompt_n, completion_n),
+        "usage": _usage(prompt_n, completion_n, cached_n),
     }
 
 
@@ -808,8 +821,9 @@ def chunk_frame(req: GenerationRequest) -> tuple[str, str]:
     return before, after
 
 
-def usage_chunk(req: GenerationRequest, prompt_n: int, completion_n: int) -> dict:
+def usage_chunk(req: GenerationRequest, prompt_n: int, completion_n: int, cached_n: int = 0) -> dict:
+    """The last chunk of a stream with include_usage: no choices, and the usage."""
     body = chunk_body(req, None, None)
     body["choices"] = []
-    body["usage"] = _usage(prompt_n, completion_n)
+    body["usage"] = _usage(prompt_n, completion_n, cached_n)
     return body

@@ -434,6 +434,17 @@ def run(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=1, help="repeat every server this often; the median round is reported"
     )
     parser.add_argument(
+        "--multi-turn",
+        type=int,
+        metavar="TURNS",
+        help="instead: a chat of TURNS turns re-sent whole each turn, growing by --turn-tokens a turn; time to "
+        "first token per turn of this service with and without prompt reuse and of llama-server, all running "
+        "at once and taking turns, --rounds conversations",
+    )
+    parser.add_argument(
+        "--turn-tokens", type=int, default=250, help="tokens a turn adds to the conversation (--multi-turn)"
+    )
+    parser.add_argument(
         "--json", type=pathlib.Path, help="also write the results here (rewritten after every run)"
     )
     args = parser.parse_args(argv)
@@ -454,6 +465,8 @@ def run(argv: list[str] | None = None) -> int:
             f"--llama-server {args.llama_server} is not an executable; build it with `make llama-server`"
         )
     model = ensure_model(args.model, args.shape, args.quant)
+    if args.multi_turn:
+        return multi_turn(args, model)
     prompt = None
     if args.prompt_tokens:
         from inference.tokenizer import Tokenizer
@@ -622,3 +635,97 @@ def print_table(results: list[Result], clients: list[int], model: pathlib.Path, 
             f"| {ratio} | {per_round} | {r.ttft * 1000:.0f} | {kib} | {trips} | {decode} | {decode_ratio} "
             f"| {worst} |"
         )
+
+
+# --multi-turn: each turn adds a user message and the reply before it (fixed text, the same for every server, so
+# that each computes the same prompts); the model's own replies are generated and thrown away.
+MULTI_TURN_REPLY_TOKENS = 16
+
+
+def conversation(
+    tokenize: Callable[[str], list[int]], turns: int, turn_tokens: int, seed: int
+) -> list[list[int]]:
+    """The prompt of each turn as token ids: turn k re-sends turns 1..k-1 whole and adds ``turn_tokens``."""
+    prompts, history = [], []
+    for k in range(turns):
+        history = history + prompt_of_tokens(tokenize, turn_tokens, seed * 1000 + k)
+        prompts.append(history)
+    return prompts
+
+
+def multi_turn(args, model: pathlib.Path) -> int:
+    """Time to first token per turn of --rounds conversations, every server started at once; in each turn the
+    servers take their requests one after another, in an order that rotates, so that background load falls on
+    all alike. Prints a Markdown table of the medians and of the per-conversation ratios."""
+    from inference.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(str(model))
+    longest = args.multi_turn * args.turn_tokens + MULTI_TURN_REPLY_TOKENS
+    if longest >= args.ctx // args.parallel:
+        print(
+            f"--multi-turn {args.multi_turn} x --turn-tokens {args.turn_tokens} needs {longest} tokens a "
+            f"sequence; raise --ctx (now {args.ctx} / --parallel {args.parallel})",
+            file=sys.stderr,
+        )
+        return 2
+    args.rpc_splits = []
+    args.skip_llama_cpp_python = True
+    made = dict(targets(args, model))
+    servers = [("reuse", made["llmfleet"]())]
+    plain = made["llmfleet"]()
+    plain.name, plain.command = "no reuse", [*plain.command, "--no-cache-prompt"]
+    servers.append(("no reuse", plain))
+    if "llama-server" in made:
+        servers.append(("llama-server", made["llama-server"]()))
+    log_dir = CACHE / "bench-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    ttft: dict[str, list[list[float]]] = {name: [] for name, _ in servers}
+    try:
+        for name, target in servers:
+            print(f"# {name}: {' '.join(target.command)}", file=sys.stderr, flush=True)
+            procs.append(start(target, log_dir))
+        for proc, (_, target) in zip(procs, servers, strict=True):
+            wait_ready(proc, target.port, target.ready_path, args.ready_timeout)
+            measure(target, 1, 1, 8, lambda _k: WARM_UP_PROMPT)
+        tokenize = lambda text: tokenizer.tokenize(text, add_special=False)  # noqa: E731
+        for round_index in range(args.rounds):
+            prompts = conversation(tokenize, args.multi_turn, args.turn_tokens, round_index + 1)
+            for name, _ in servers:
+                ttft[name].append([])
+            for turn, prompt in enumerate(prompts):
+                shift = (turn + round_index) % len(servers)
+                for name, target in servers[shift:] + servers[:shift]:
+                    stream = _stream_completion(target.port, prompt, MULTI_TURN_REPLY_TOKENS)
+                    ttft[name][-1].append(stream.ttft)
+                line = ", ".join(f"{name} {ttft[name][-1][-1] * 1000:.0f} ms" for name, _ in servers)
+                print(
+                    f"  conversation {round_index + 1} turn {turn + 1}: {line}", file=sys.stderr, flush=True
+                )
+    finally:
+        for proc in procs:
+            stop(proc)
+    print_multi_turn(ttft, args, model)
+    return 0
+
+
+def print_multi_turn(ttft: dict[str, list[list[float]]], args, model: pathlib.Path) -> None:
+    """Median TTFT per turn and server, and the medians of the per-conversation ratios of reuse to the rest."""
+    names = list(ttft)
+    others = [n for n in names if n != "reuse"]
+    print(f"\nModel {model.name}, {args.threads} threads, ctx {args.ctx}, parallel {args.parallel}, ", end="")
+    print(
+        f"{args.multi_turn} turns of {args.turn_tokens} tokens each, {MULTI_TURN_REPLY_TOKENS}-token replies, "
+        f"median of {args.rounds} conversation(s)\n"
+    )
+    heads = " | ".join(f"{n} TTFT ms" for n in names)
+    ratios = " | ".join(f"reuse / {n}" for n in others)
+    print(f"| turn | prompt tokens | {heads} | {ratios} |")
+    print("|---:|---:|" + "---:|" * (len(names) + len(others)))
+    for turn in range(args.multi_turn):
+        cells = [f"{statistics.median(c[turn] for c in ttft[n]) * 1000:.0f}" for n in names]
+        for n in others:
+            each = sorted(r[turn] / o[turn] for r, o in zip(ttft["reuse"], ttft[n], strict=True) if o[turn])
+            span = f" ({each[0]:.2f} to {each[-1]:.2f})" if len(each) > 1 else ""
+            cells.append(f"{statistics.median(each):.2f}{span}" if each else "—")
+        print(f"| {turn + 1} | {(turn + 1) * args.turn_tokens} | " + " | ".join(cells) + " |")

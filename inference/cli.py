@@ -66,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         flash_attn=args.flash_attn,
         threadpool=args.threadpool,
+        cache_prompt=args.cache_prompt,
         gpu_layers=args.gpu_layers,
         model_alias=args.alias,
         rpc_timeout=args.rpc_timeout,
@@ -230,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="threadpool",
         action="store_false",
         help="start ggml's CPU threads for every decode step instead of keeping a pool (for comparisons)",
+    )
+    s.add_argument(
+        "--no-cache-prompt",
+        dest="cache_prompt",
+        action="store_false",
+        help="compute every prompt in full: finished sequences' KV cells are not kept for a later prompt that "
+        "starts the same way (by default a request reuses the longest cached prefix, as llama-server's "
+        "cache_prompt)",
     )
     s.add_argument("--gpu-layers", type=int, default=999, help="layers offloaded to GPUs and RPC devices")
     s.add_argument("--alias", help="model name in the API (default: the file name without .gguf)")

@@ -151,6 +151,9 @@ class ServeConfig:
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT  # idle between requests on one connection
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     reasoning_format: str = "auto"  # "none" keeps <think> blocks in content; see inference.chat
+    # A request starts from the longest prompt prefix that a free sequence's KV cache still holds (llama-server's
+    # cache_prompt); finished sequences' cells are kept until their sequence id is taken again.
+    cache_prompt: bool = True
     api_key: str | None = field(default=None, repr=False)
 
     def validated(self) -> ServeConfig:

@@ -8,7 +8,9 @@ Messages from the server (tuples over a multiprocessing connection):
 Messages to the server (length-prefixed pickles, see send() and MessageReader, so that the server takes all
 that has arrived with one read):
     ("ready", info)   ("fatal", message)
-    ("step", [(request_id, token, finish_reason | None), ...], stats)
+    ("step", [(request_id, token, finish_reason | None), ...], (kv_tokens, active, admitted))
+        where admitted lists (request_id, prompt tokens reused from the KV cache) of requests admitted since
+        the last "step", each before or with its first token
 A finish reason ``"error:<message>"`` fails that request alone; a "fatal" message precedes the engine's exit and
 says why, so that the server can report the cause instead of an exit code.
 
@@ -60,6 +62,9 @@ class SamplingParams:
         tuple[int, float], ...
     ] = ()  # (token, bias) added to the logits, as OpenAI's logit_bias
     grammar: str | None = None  # GBNF (root rule "root") that the generated text must follow
+    # llama-server's extension: start from the longest prefix of the prompt that a free slot's KV cache holds.
+    # False computes the whole prompt (the cells it leaves are still kept for later requests).
+    cache_prompt: bool = True
 
 
 class EngineError(RuntimeError):
@@ -75,6 +80,7 @@ def describe_exception(exc: BaseException) -> str:
 class _Sequence:
     __slots__ = (
         "biases",
+        "cached",
         "generated",
         "max_tokens",
         "n_past",
@@ -82,18 +88,45 @@ class _Sequence:
         "request_id",
         "sampler",
         "seq_id",
+        "tokens",
     )
 
-    def __init__(self, request_id: int, seq_id: int, prompt: list[int], sampler, max_tokens: int):
-        """``sampler`` is a llama.cpp sampler chain, or None for plain greedy decoding."""
+    def __init__(
+        self, request_id: int, seq_id: int, prompt: list[int], sampler, max_tokens: int, cached: int = 0
+    ):
+        """``sampler`` is a llama.cpp sampler chain, or None for plain greedy decoding; the first ``cached``
+        tokens of ``prompt`` are already in the KV cache of ``seq_id``."""
         self.request_id = request_id
         self.seq_id = seq_id
-        self.pending = deque(prompt)  # tokens not yet in the KV cache
-        self.n_past = 0
+        self.tokens = prompt[:cached]  # what the KV cache of seq_id holds, positions 0..n_past-1
+        self.pending = deque(prompt[cached:])  # tokens not yet in the KV cache
+        self.n_past = cached
+        self.cached = cached
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.generated = 0
         self.biases: dict[int, float] = {}  # the greedy path's logit_bias and ignore_eos
+
+
+# llama-server's --slot-prompt-similarity default: a free slot is chosen for its cached prefix only when that
+# prefix is at least this share of the prompt; else the least recently used slot is, so that a short shared
+# start (a system prompt) does not cost another conversation its cached turns.
+SLOT_PROMPT_SIMILARITY = 0.1
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The number of leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 # Tokens looked back on by the presence and frequency penalties (llama-server's default repeat_last_n).
@@ -216,6 +249,13 @@ class Engine:
         self.free_seq_ids = list(range(config.parallel - 1, -1, -1))
         self.sequences: dict[int, _Sequence] = {}
         self.n_ctx_seq = config.ctx_per_sequence
+        # Prompt reuse (llama-server's slot prompt cache): the tokens whose cells each free sequence id still
+        # holds in the KV cache, and when each was last released (a counter), for the least recently used.
+        self.cache_prompt = config.cache_prompt
+        self.kept: dict[int, list[int]] = {seq_id: [] for seq_id in self.free_seq_ids}
+        self.last_used: dict[int, int] = dict.fromkeys(self.free_seq_ids, 0)
+        self._uses = 0
+        self.admitted: list[tuple[int, int]] = []  # (request_id, cached prompt tokens) not yet reported
 
     def _sharded_model(self) -> str:
         """The model with each layer's experts cut into one slice per RPC worker (made once, then cached)."""
@@ -364,12 +404,16 @@ class Engine:
             "n_ctx": self.llama_cpp.llama_n_ctx(self.ctx),
             "n_ctx_seq": self.n_ctx_seq,
             "parallel": self.config.parallel,
+            "cache_prompt": self.cache_prompt,
             "pid": os.getpid(),
         }
 
     # -- sequences ----------------------------------------------------------------------------------------
     def submit(self, request_id: int, prompt: list[int], params: SamplingParams) -> str | None:
-        """Admit a request; returns why it cannot be served (that request alone fails), or None."""
+        """Admit a request; returns why it cannot be served (that request alone fails), or None.
+
+        The request takes the free sequence id whose kept cells share the longest prefix with ``prompt`` (see
+        _take_slot) and starts after that prefix; (request_id, cached tokens) goes to ``admitted``."""
         if not self.free_seq_ids:
             return "no free sequence slot"
         if not prompt:
@@ -383,22 +427,78 @@ class Engine:
         except Exception as exc:
             log.exception("request %d: setting up its sampler failed", request_id)
             return "could not set up sampling: " + describe_exception(exc)
-        seq = _Sequence(request_id, self.free_seq_ids.pop(), prompt, sampler, max_tokens)
+        seq_id, cached = self._take_slot(prompt, self.cache_prompt and params.cache_prompt)
+        seq = _Sequence(request_id, seq_id, prompt, sampler, max_tokens, cached)
         seq.biases = _biases(params, self.eog_tokens) if sampler is None else {}
         self.sequences[request_id] = seq
+        self.admitted.append((request_id, cached))
         return None
 
+    def _take_slot(self, prompt: list[int], reuse: bool) -> tuple[int, int]:
+        """A free sequence id for ``prompt`` and how many of its first tokens that id's KV cache already holds.
+
+        With ``reuse``: the id whose kept tokens share the longest prefix with the prompt, when that prefix
+        is at least SLOT_PROMPT_SIMILARITY of the prompt, else the least recently used id (which may still
+        share a prefix). At least the prompt's last token is computed again, since sampling needs its logits.
+        The id's cells after the reused prefix are removed."""
+        free = self.free_seq_ids
+        lru = min(free, key=self.last_used.__getitem__)
+        seq_id, cached = lru, 0
+        if reuse:
+            matches = {sid: common_prefix(self.kept[sid], prompt) for sid in free}
+            best = max(free, key=lambda sid: (matches[sid], -self.last_used[sid]))
+            if matches[best] >= SLOT_PROMPT_SIMILARITY * len(prompt):
+                seq_id = best
+            cached = min(matches[seq_id], len(prompt) - 1)
+        free.remove(seq_id)
+        kept, rm = self.kept[seq_id], self.llama_cpp.llama_memory_seq_rm
+        # A memory that cannot cut a sequence short (recurrent or sliding-window layers) starts it afresh.
+        if cached < len(kept) and (cached == 0 or not rm(self.memory, seq_id, cached, -1)):
+            rm(self.memory, seq_id, -1, -1)
+            cached = 0
+        self.kept[seq_id] = []
+        return seq_id, cached
+
     def release(self, request_id: int) -> None:
+        """End a request's sequence. Its cells stay in the KV cache for a later prompt that starts the same way
+        (without prompt reuse they are removed)."""
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return
-        self.llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+        if self.cache_prompt:
+            self.kept[seq.seq_id] = seq.tokens
+        else:
+            self.llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+        self._uses += 1
+        self.last_used[seq.seq_id] = self._uses
         if seq.sampler is not None:
             self.llama_cpp.llama_sampler_free(seq.sampler)
         self.free_seq_ids.append(seq.seq_id)
 
+    def _evict_kept(self) -> bool:
+        """Remove the kept cells of the least recently used free sequence id that has some; False if none has.
+
+        Each sequence id holds at most ``n_ctx_seq`` positions and --parallel of them fit in --ctx, so kept
+        cells never crowd out a running sequence; this is for a KV cache that llama.cpp still finds full."""
+        holding = [sid for sid in self.free_seq_ids if self.kept[sid]]
+        if not holding:
+            return False
+        seq_id = min(holding, key=self.last_used.__getitem__)
+        log.warning(
+            "KV cache full: dropping the %d kept tokens of sequence %d", len(self.kept[seq_id]), seq_id
+        )
+        self.llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        self.kept[seq_id] = []
+        return True
+
     def kv_tokens(self) -> int:
+        """Tokens of the running sequences in the KV cache (kept cells of finished ones are not counted)."""
         return sum(seq.n_past for seq in self.sequences.values())
+
+    def take_admitted(self) -> list[tuple[int, int]]:
+        """(request_id, cached prompt tokens) of the requests admitted since the last call."""
+        admitted, self.admitted = self.admitted, []
+        return admitted
 
     # -- one step -----------------------------------------------------------------------------------------
     def step(self) -> list[tuple[int, int, str | None]]:
@@ -417,7 +517,8 @@ class Engine:
         generating = [s for s in self.sequences.values() if s.generated and s.pending]
         prefilling = [s for s in self.sequences.values() if not s.generated and s.pending]
         for seq in generating:
-            token[n] = seq.pending.popleft()
+            token[n] = next_token = seq.pending.popleft()
+            seq.tokens.append(next_token)
             pos[n] = seq.n_past
             n_seq[n] = 1
             seq_ids[n][0] = seq.seq_id
@@ -432,8 +533,10 @@ class Engine:
             take = min(budget, len(seq.pending))
             sid, base = seq.seq_id, seq.n_past
             pending = seq.pending
-            for i in range(take):
-                token[n] = pending.popleft()
+            chunk = [pending.popleft() for _ in range(take)]
+            seq.tokens += chunk
+            for i, chunk_token in enumerate(chunk):
+                token[n] = chunk_token
                 pos[n] = base + i
                 n_seq[n] = 1
                 seq_ids[n][0] = sid
@@ -449,6 +552,9 @@ class Engine:
         batch.n_tokens = n
         self._arm(f"a decode step of {n} tokens on the RPC workers", ubatches=-(-n // self.config.ubatch))
         status = lc.llama_decode(self.ctx, batch)
+        # 1: no room in the KV cache for the batch, found before anything was computed; kept cells can go.
+        while status == 1 and self._evict_kept():
+            status = lc.llama_decode(self.ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}")
         results = []
@@ -704,4 +810,5 @@ def _serve(config: ServeConfig, conn, out: int) -> None:
         results = engine.step()
         idle = not engine.sequences
         if results or finished_early or released:
-            send(out, ("step", finished_early + results, (engine.kv_tokens(), len(engine.sequences))))
+            stats = (engine.kv_tokens(), len(engine.sequences), engine.take_admitted())
+            send(out, ("step", finished_early + results, stats))

@@ -19,6 +19,12 @@ class Metrics:
             registry=registry,
         )
         self.prompt_tokens = Counter("llmfleet_prompt_tokens", "Prompt tokens processed.", registry=registry)
+        self.prompt_tokens_cached = Counter(
+            "llmfleet_prompt_tokens_cached",
+            "Prompt tokens reused from the KV cache of an earlier request instead of computed (part of "
+            "llmfleet_prompt_tokens).",
+            registry=registry,
+        )
         self.completion_tokens = Counter(
             "llmfleet_completion_tokens", "Completion tokens generated.", registry=registry
         )
@@ -41,7 +47,9 @@ class Metrics:
             "llmfleet_active_sequences", "Sequences being decoded together.", registry=registry
         )
         self.kv_cache_tokens = Gauge(
-            "llmfleet_kv_cache_tokens", "Tokens held in the KV cache.", registry=registry
+            "llmfleet_kv_cache_tokens",
+            "Tokens of running sequences in the KV cache (cells kept for prompt reuse are not counted).",
+            registry=registry,
         )
         self.kv_cache_usage = Gauge(
             "llmfleet_kv_cache_usage_ratio", "Share of the KV cache in use (0-1).", registry=registry

@@ -389,10 +389,14 @@ class _Output:
         self.req, self.prompt_n = req, prompt_n
         self.text = TextStream(tokenizer, req.stop)
         self.generated = 0
+        self.cached_n = 0  # prompt tokens reused from the KV cache
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stop_early = lambda: None  # frees the sequence when a stop string ends the text
         # Splits a chat reply into content, reasoning and tool calls (chat.ChatParser); None: text as it is.
         self.parser = chat.parser(req.chat) if req.kind == "chat" else None
+
+    def cached(self, tokens: int) -> None:
+        self.cached_n = tokens
 
     def token(self, token: int) -> None:
         if self.done.done():
@@ -478,7 +482,7 @@ async def _collect(req: GenerationRequest, output: _Collected) -> web.Response:
     if output.failure is not None:
         raise ApiError(503, output.failure, kind="server_error", code="engine_failed")
     text = "".join(output.pieces)
-    body = api.completion_body(req, text, output.reason, output.prompt_n, output.generated)
+    body = api.completion_body(req, text, output.reason, output.prompt_n, output.generated, output.cached_n)
     if output.parser is not None:
         output.message.fill(body["choices"][0]["message"])
     return _json(200, body)
@@ -542,7 +546,7 @@ class _EventStream(_Output):
         req = self.req
         self._event(api.chunk_body(req, None if req.kind == "chat" else "", reason))
         if req.include_usage:
-            self._event(api.usage_chunk(req, self.prompt_n, self.generated))
+            self._event(api.usage_chunk(req, self.prompt_n, self.generated, self.cached_n))
         self._event("[DONE]")
         self.close()
 

@@ -45,7 +45,11 @@ class QueueFull(Exception):
 
 class Output(Protocol):
     """Where a request's tokens go. Called on the loop, straight from the engine pipe's callback, so that a
-    streamed token costs no task switch: token() for each, then finish() or fail() once."""
+    streamed token costs no task switch: cached() at most once, before the first token(); token() for each,
+    then finish() or fail() once."""
+
+    def cached(self, tokens: int) -> None:
+        """How many of the prompt's tokens were reused from the KV cache rather than computed."""
 
     def token(self, token: int) -> None: ...
 
@@ -64,6 +68,7 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     generated: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache, once the engine admitted the request
     finished: bool = False
 
 
@@ -194,7 +199,15 @@ class Supervisor:
     def _handle(self, message) -> None:
         kind = message[0]
         if kind == "step":
-            _, results, (self.kv_tokens, _active) = message
+            _, results, (self.kv_tokens, _active, admitted) = message
+            for request_id, cached in admitted:
+                request = self.active.get(request_id)
+                if request is None:
+                    continue
+                request.cached_tokens = cached
+                self.metrics.prompt_tokens_cached.inc(cached)
+                with contextlib.suppress(Exception):  # a failing output fails at its first token below
+                    request.output.cached(cached)
             now = time.monotonic()
             for request_id, token, finish in results:
                 request = self.active.get(request_id)

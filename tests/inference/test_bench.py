@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -113,3 +114,15 @@ def test_paired_ratios_compare_servers_within_each_round():
     assert ratios[("llmfleet", 1)] == pytest.approx([0.9, 0.95])
     assert ratios[("llama-server", 1)] == pytest.approx([1.0, 1.0])
     assert ("llmfleet", 4) not in ratios
+
+
+def test_a_multi_turn_conversation_re_sends_every_earlier_turn_whole():
+    from inference.bench import conversation
+
+    def tokenize(text: str) -> list[int]:
+        return [len(word) for word in text.split()]
+
+    prompts = conversation(tokenize, 4, 30, seed=1)
+    assert [len(p) for p in prompts] == [30, 60, 90, 120]
+    assert all(b[: len(a)] == a for a, b in itertools.pairwise(prompts))
+    assert conversation(tokenize, 2, 30, seed=2)[0] != prompts[0]

@@ -494,7 +494,11 @@ def test_a_developer_message_gets_the_system_prompt(server):
 
     system, developer = reply("system"), reply("developer")
     assert developer["choices"] == system["choices"]
-    assert developer["usage"] == system["usage"]
+    assert developer["usage"]["prompt_tokens"] == system["usage"]["prompt_tokens"]
+    # The same prompt: all of it but its last token is reused from the first request's KV cache.
+    assert (
+        developer["usage"]["prompt_tokens_details"]["cached_tokens"] == system["usage"]["prompt_tokens"] - 1
+    )
 
 
 def test_distinct_seeds_give_distinct_reproducible_samples(server):

@@ -303,11 +303,13 @@ def _keys(value, path="$"):
 
 
 # What each schema lets a reply leave out, of the keys this server sends: every other key is required.
+_CACHED = {"$.usage.prompt_tokens_details", "$.usage.prompt_tokens_details.cached_tokens"}
 OPTIONAL = {
-    "CreateCompletionResponse": {"$.usage"},
-    "CreateChatCompletionResponse": {"$.usage"},
+    "CreateCompletionResponse": {"$.usage", *_CACHED},
+    "CreateChatCompletionResponse": {"$.usage", *_CACHED},
     "CreateChatCompletionStreamResponse": {
         "$.usage",
+        *_CACHED,
         "$.choices[0].logprobs",
         "$.choices[0].delta.role",
         "$.choices[0].delta.content",

@@ -140,7 +140,7 @@ def test_engine_messages_split_across_reads_come_out_whole_and_in_order():
     left, right = socket.socketpair()
     messages = [
         ("ready", {"pid": 1}),
-        ("step", [(1, 42, None), (2, 7, "stop")], (10, 2)),
+        ("step", [(1, 42, None), (2, 7, "stop")], (10, 2, [(1, 3), (2, 0)])),
         ("fatal", "x" * 100000),
     ]
     with left, right:
@@ -173,6 +173,9 @@ class _Recorder:
     def __init__(self, broken: bool = False):
         self.broken, self.events = broken, []
 
+    def cached(self, tokens: int) -> None:
+        self.events.append(("cached", tokens))
+
     def token(self, token: int) -> None:
         if self.broken:
             raise RuntimeError("broken output")
@@ -196,8 +199,8 @@ def test_a_failing_output_costs_only_its_own_request(caplog):
     broken, fine = _Recorder(broken=True), _Recorder()
     for rid, output in ((1, broken), (2, fine)):
         supervisor.active[rid] = Request([1, 2], SamplingParams(max_tokens=4), output, id=rid)
-    supervisor._handle(("step", [(1, 7, None), (2, 8, None), (2, 9, "length")], (6, 2)))
-    assert fine.events == [("token", 8), ("token", 9), ("finish", "length")]
-    assert broken.events[0][0] == "fail"
+    supervisor._handle(("step", [(1, 7, None), (2, 8, None), (2, 9, "length")], (6, 2, [(1, 0), (2, 0)])))
+    assert fine.events == [("cached", 0), ("token", 8), ("token", 9), ("finish", "length")]
+    assert broken.events[0] == ("cached", 0) and broken.events[1][0] == "fail"
     assert not supervisor.active
     assert "delivering to request 1 failed" in caplog.text

@@ -75,6 +75,7 @@ def test_arguments_with_specifiers_or_spaces_reach_the_head_whole(rendered):
     exec_start = directives(rendered / "gpu1-tuned" / "llmfleet-head.service")["ExecStart"][0]
     assert "--alias 'qwen 100%%'" in exec_start
     assert "--queue-size '$$8'" in exec_start
+    assert " --no-cache-prompt " in exec_start  # gpu1, with the default, has none (see above)
 
 
 UNITS = [
