@@ -284,6 +284,8 @@ def _admin_state(supervisor: Supervisor, drained: bool | None = None) -> dict:
         "status": supervisor.state,
         "active": len(supervisor.active),
         "waiting": len(supervisor.waiting),
+        # A planned worker restart is over once a new engine serves: its pid differs from this one.
+        "engine_pid": supervisor.engine_info.get("pid") if supervisor.state == "ok" else None,
     }
     if drained is not None:
         state["drained"] = drained
