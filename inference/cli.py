@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key-file", help="file holding the bearer API key clients must send")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=config_module.DEFAULT_PORT)
-    s.add_argument("--metrics-port", type=int, help="also serve /metrics alone on this port")
+    s.add_argument(
+        "--metrics-port", type=int, help="also serve /metrics and the admin endpoints (API key) on this port"
+    )
     s.add_argument("--threads", type=int, default=0, help="compute threads (default: every usable core)")
     s.add_argument("--batch", type=int, default=2048, help="most tokens in one decode step")
     s.add_argument("--ubatch", type=int, default=512, help="physical batch size")

@@ -260,6 +260,74 @@ async def health(request: web.Request) -> web.Response:
     return _json(200 if body["status"] == "ok" else 503, body)
 
 
+# A drain ends by itself after this long unless the request names another lease.
+DRAIN_LEASE_DEFAULT = 600.0
+DRAIN_LEASE_MAX = 3600.0
+
+
+def _admin_seconds(request: web.Request, name: str, default: float, limit: float) -> float:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= limit:
+        raise api.invalid(name, f"'{text}' is not a number of seconds from 0 to {limit:g}; e.g. ?{name}=60")
+    return value
+
+
+def _admin_state(supervisor: Supervisor, drained: bool | None = None) -> dict:
+    state = {
+        "draining": supervisor.draining,
+        "status": supervisor.state,
+        "active": len(supervisor.active),
+        "waiting": len(supervisor.waiting),
+        # A planned worker restart is over once a new engine serves: its pid differs from this one.
+        "engine_pid": supervisor.engine_info.get("pid") if supervisor.state == "ok" else None,
+    }
+    if drained is not None:
+        state["drained"] = drained
+    return state
+
+
+async def _admin(request: web.Request, action) -> web.Response:
+    """Admin endpoints take the API key like the API; the metrics port answers them too, so that the firewall
+    can keep the admin port to the operators' hosts."""
+    try:
+        _check_key(request)
+        return await action(request)
+    except ApiError as exc:
+        return _json(exc.status, exc.body(), exc.headers)
+
+
+async def admin_drain(request: web.Request) -> web.Response:
+    """POST /admin/drain?lease=S&wait=S: stop admitting sequences to the engine (new requests wait in the
+    queue), wait up to ``wait`` seconds for the running ones to finish; ``drained`` says whether they did.
+    The drain ends by itself after ``lease`` seconds."""
+
+    async def drain(request: web.Request) -> web.Response:
+        lease = _admin_seconds(request, "lease", DRAIN_LEASE_DEFAULT, DRAIN_LEASE_MAX)
+        wait = _admin_seconds(request, "wait", 0.0, DRAIN_LEASE_MAX)
+        supervisor = request.app[SUPERVISOR]
+        drained = await supervisor.drain(lease, wait)
+        return _json(200, _admin_state(supervisor, drained))
+
+    return await _admin(request, drain)
+
+
+async def admin_resume(request: web.Request) -> web.Response:
+    """POST /admin/resume: admit the queued requests again."""
+
+    async def resume(request: web.Request) -> web.Response:
+        supervisor = request.app[SUPERVISOR]
+        supervisor.resume()
+        return _json(200, _admin_state(supervisor))
+
+    return await _admin(request, resume)
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
     output = generate_latest(request.app[METRICS].registry)
     return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -807,6 +875,8 @@ def build_app(config: ServeConfig, registry: CollectorRegistry | None = None) ->
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_post("/admin/drain", admin_drain)
+    app.router.add_post("/admin/resume", admin_resume)
 
     async def lifecycle(app: web.Application):
         await app[SUPERVISOR].start()
@@ -819,13 +889,17 @@ def build_app(config: ServeConfig, registry: CollectorRegistry | None = None) ->
 
 
 def metrics_app(app: web.Application) -> web.Application:
-    """A second listener for /metrics alone, for a scrape port that the firewall opens to monitoring only."""
+    """A second listener for /metrics and the admin endpoints (which take the API key), for a port that the
+    firewall opens to monitoring and the operators' hosts only."""
     connections = Connections(app[CONFIG])
     side = web.Application(middlewares=[connections.middleware])
     side[CONFIG] = app[CONFIG]
     side[METRICS] = app[METRICS]
+    side[SUPERVISOR] = app[SUPERVISOR]
     side[CONNECTIONS] = connections
     side.router.add_get("/metrics", metrics_endpoint)
+    side.router.add_post("/admin/drain", admin_drain)
+    side.router.add_post("/admin/resume", admin_resume)
     return side
 
 

@@ -104,6 +104,12 @@ class Supervisor:
         self._engine_was_ready = False
         self._failed_starts = 0  # engines in a row that exited before they were ready
         self.ready = asyncio.Event()
+        # Drained: no new sequence enters the engine; requests wait in the queue, even through an engine restart
+        # (a worker restarted on purpose), until resume() or the lease ends.
+        self.draining = False
+        self._drain_lease: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.kv_tokens = 0  # as the engine last reported; read by the gauges when scraped
         metrics.kv_cache_tokens.set_function(lambda: self.kv_tokens)
         metrics.kv_cache_usage.set_function(lambda: self.kv_tokens / config.ctx)
@@ -260,7 +266,7 @@ class Supervisor:
 
     # -- admission ----------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, output: Output) -> Request:
-        if self.state != "ok":
+        if self.state != "ok" and not self.draining:
             raise Unavailable(self.detail)
         if len(self.active) >= self.config.parallel and len(self.waiting) >= self.config.queue_size:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting")
@@ -286,12 +292,51 @@ class Supervisor:
             self.metrics.queue_depth.set(len(self.waiting))
 
     def _dispatch(self) -> None:
-        while self.state == "ok" and self.waiting and len(self.active) < self.config.parallel:
+        while (
+            self.state == "ok"
+            and not self.draining
+            and self.waiting
+            and len(self.active) < self.config.parallel
+        ):
             request = self.waiting.popleft()
             self.active[request.id] = request
             self._send(("submit", request.id, request.prompt, request.params))
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.active_sequences.set(len(self.active))
+        if self.active:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    # -- draining, for a planned worker or head restart ---------------------------------------------------
+    async def drain(self, lease: float, wait: float) -> bool:
+        """Stop admitting sequences to the engine and wait up to ``wait`` seconds for the running ones to
+        finish; True once none runs. New requests queue meanwhile. The drain ends by itself after ``lease``
+        seconds, so a run that dies half-way does not leave the head holding every request."""
+        self.draining = True
+        if self._drain_lease is not None:
+            self._drain_lease.cancel()
+        self._drain_lease = self._loop.call_later(lease, self._lease_ended)
+        log.info("draining: no new sequences for up to %g s; %d running", lease, len(self.active))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._idle.wait()
+        return not self.active
+
+    def resume(self) -> None:
+        """Admit queued requests again."""
+        if self._drain_lease is not None:
+            self._drain_lease.cancel()
+            self._drain_lease = None
+        if self.draining:
+            log.info("resuming: %d requests waited", len(self.waiting))
+        self.draining = False
+        self._dispatch()
+
+    def _lease_ended(self) -> None:
+        self._drain_lease = None
+        log.warning("the drain lease ended without a resume; admitting requests again")
+        self.resume()
 
     # -- worker loss and recovery -------------------------------------------------------------------------
     def _engine_lost(self) -> None:
@@ -325,14 +370,17 @@ class Supervisor:
 
     def _enter_degraded(self, reason: str) -> None:
         self._set_state("degraded", reason)
-        lost = list(self.active.values()) + list(self.waiting)
+        # A drained head keeps its queue through the restart it was drained for.
+        lost = list(self.active.values()) + ([] if self.draining else list(self.waiting))
         self.active.clear()
-        self.waiting.clear()
+        if not self.draining:
+            self.waiting.clear()
+        self._idle.set()
         for request in lost:
             request.finished = True
             request.output.fail(reason)
         self.metrics.active_sequences.set(0)
-        self.metrics.queue_depth.set(0)
+        self.metrics.queue_depth.set(len(self.waiting))
         if not self._recovering:
             self._recovering = True
             self._background(self._recover())
@@ -423,6 +471,7 @@ class Supervisor:
         return {
             "status": self.state,
             "detail": self.detail,
+            "draining": self.draining,
             "model": self.config.model_alias,
             "workers": [
                 {

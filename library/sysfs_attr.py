@@ -23,6 +23,10 @@ description:
     C(scaling_governor)), name it in O(available). A value that is not offered fails before anything
     is written, with the offer in the message.
   - Paths that resolve to the same file (per-CPU links to one cpufreq policy) are set once.
+  - "An attribute of a CPU missing from C(/sys/devices/system/cpu/online) is left alone and listed in
+    RV(skipped) with a warning: an offline CPU runs nothing, and the kernel refuses reads of a cpufreq
+    policy whose CPUs are all offline."
+  - A read that fails says why (the kernel's error), not a guess.
   - The setting lasts until reboot; the roles persist it with a unit, a udev rule or tmpfiles.
 options:
   path:
@@ -119,6 +123,25 @@ attributes:
       before: ondemand
       after: performance
       changed: true
+skipped:
+  description: Attributes left alone because their CPU is offline, with the reason.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    path:
+      description: The attribute path as on the host.
+      type: str
+    owner:
+      description: The CPU it belongs to.
+      type: str
+    reason:
+      description: Why it was left alone.
+      type: str
+  sample:
+    - path: /sys/devices/system/cpu/cpu3/cpufreq/scaling_governor
+      owner: cpu3
+      reason: "cpu3 is offline (online: 0-2)"
 changed_paths:
   description: The attributes that were (or would be) written.
   returned: always
@@ -156,10 +179,19 @@ def main() -> None:
             apply_attribute_changes(params["root"], changes)
     except SysfsError as exc:
         module.fail_json(msg=str(exc))
+    planned = [change for change in changes if not change.skipped]
+    skipped = [
+        dict(path=change.path, owner=change.owner, reason=change.skipped)
+        for change in changes
+        if change.skipped
+    ]
+    for reason in sorted({entry["reason"] for entry in skipped}):
+        module.warn(f"{reason}: its {params['label'] or 'attribute'} is left alone")
     result = dict(
-        changed=any(change.changed for change in changes),
-        attributes=[change.as_dict() for change in changes],
-        changed_paths=[change.path for change in changes if change.changed],
+        changed=any(change.changed for change in planned),
+        attributes=[change.as_dict() for change in planned],
+        skipped=skipped,
+        changed_paths=[change.path for change in planned if change.changed],
     )
     if module._diff:
         result["diff"] = dict(before=render_state(changes, "before"), after=render_state(changes, "after"))

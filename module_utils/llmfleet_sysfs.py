@@ -7,6 +7,7 @@ when the file is opened; results and messages use the real-host form.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -22,11 +23,14 @@ __all__ = [
     "format_cpu_list",
     "host_path",
     "natural_key",
+    "offline_cpus",
+    "online_cpus",
     "owner_of",
     "parse_choice",
     "parse_cpu_list",
     "plan_attribute_changes",
     "read_attr",
+    "read_attr_or_error",
     "read_int",
     "render_state",
 ]
@@ -53,9 +57,12 @@ class AttributeChange:
     before: str
     after: str
     changed: bool
+    # Why the attribute was left alone (its CPU is offline); empty for an attribute that was planned.
+    skipped: str = ""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The planned attribute as the module returns it (a skipped one is reported apart)."""
+        return {key: value for key, value in asdict(self).items() if key != "skipped"}
 
 
 def host_path(root: str, path: str) -> str:
@@ -67,11 +74,16 @@ def host_path(root: str, path: str) -> str:
 
 def read_attr(root: str, path: str) -> str | None:
     """Return the stripped text of an attribute, or None when it is absent or unreadable."""
+    return read_attr_or_error(root, path)[0]
+
+
+def read_attr_or_error(root: str, path: str) -> tuple[str | None, OSError | None]:
+    """Return the stripped text of an attribute and None, or None and the error that stopped the read."""
     try:
         with open(host_path(root, path), encoding="utf-8", errors="replace") as handle:
-            return handle.read().replace("\x00", "").strip()
-    except OSError:
-        return None
+            return handle.read().replace("\x00", "").strip(), None
+    except OSError as exc:
+        return None, exc
 
 
 def read_int(root: str, path: str) -> int | None:
@@ -150,6 +162,43 @@ def expand(root: str, pattern: str) -> list[str]:
     return sorted(("/" + os.path.relpath(match, prefix or "/") for match in matches), key=natural_key)
 
 
+CPU_ROOT = "/sys/devices/system/cpu"
+_CPU_OWNER = re.compile(r"^cpu(\d+)$")
+
+
+def online_cpus(root: str) -> list[int] | None:
+    """The CPUs in /sys/devices/system/cpu/online, or None where the kernel does not show the file."""
+    text = read_attr(root, f"{CPU_ROOT}/online")
+    return None if text is None else parse_cpu_list(text)
+
+
+def offline_cpus(root: str) -> list[int]:
+    """The CPUs present but not online (taken down with ``chcpu -d`` or ``maxcpus=``)."""
+    online = online_cpus(root)
+    present_text = read_attr(root, f"{CPU_ROOT}/present")
+    if online is None or present_text is None:
+        return []
+    return sorted(set(parse_cpu_list(present_text)) - set(online))
+
+
+def _read_failure(root: str, path: str, label: str, exc: OSError | None, what: str = "") -> str:
+    """Why an attribute could not be read, with what to do: the cause, not a guess."""
+    reason = (exc.strerror or str(exc)) if exc is not None else "no such file"
+    code = errno.errorcode.get(exc.errno, "") if exc is not None and exc.errno else ""
+    head = f"cannot read {what or path}: {reason}{f' ({code})' if code else ''}"
+    if exc is not None and exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{head}; expected a readable {label} attribute. Run the module as root (become: true)"
+    cpu = _CPU_OWNER.match(owner_of(path))
+    if cpu is not None and exc is not None and exc.errno in (errno.EBUSY, errno.EINVAL, errno.ENODEV):
+        online = read_attr(root, f"{CPU_ROOT}/online")
+        return (
+            f"{head}; the kernel refuses reads of a cpufreq policy whose CPUs are all offline "
+            f"(online: {online or 'unknown'}). Bring cpu{cpu.group(1)} online (chcpu -e {cpu.group(1)}) "
+            "or leave it out"
+        )
+    return f"{head}; expected a readable {label} attribute. Check that the kernel shows it on this host"
+
+
 _OWNER_PART = re.compile(r"^(cpu\d+|policy\d+|node\d+)$")
 
 
@@ -172,13 +221,16 @@ def plan_attribute_changes(
     label: str | None = None,
     hint: str | None = None,
     missing: str = "fail",
+    online_only: bool = True,
 ) -> list[AttributeChange]:
     """Decide, without writing, what setting every attribute matching ``pattern`` to ``value`` changes.
 
     ``available`` names a file beside each attribute that lists the accepted values (as
     ``scaling_available_governors`` does for ``scaling_governor``); bracketed files list them
     themselves. Paths that resolve to the same file (``cpu1/cpufreq`` is a link to ``policy0``
-    on a shared-clock cluster) are planned once.
+    on a shared-clock cluster) are planned once. With ``online_only``, an attribute of a CPU that is not
+    in /sys/devices/system/cpu/online is left alone and returned with ``skipped`` saying so: the kernel
+    refuses reads of an inactive cpufreq policy, and an offline CPU runs nothing.
     """
     label = label or os.path.basename(pattern)
     paths = expand(root, pattern)
@@ -191,24 +243,31 @@ def plan_attribute_changes(
         )
     changes: list[AttributeChange] = []
     seen: set[str] = set()
+    online = online_cpus(root) if online_only else None
     for path in paths:
+        owner = owner_of(path)
+        cpu = _CPU_OWNER.match(owner)
+        if online is not None and cpu is not None and int(cpu.group(1)) not in online:
+            reason = f"{owner} is offline (online: {format_cpu_list(online)})"
+            changes.append(AttributeChange(path, owner, "", "", False, skipped=reason))
+            continue
         real = os.path.realpath(host_path(root, path))
         if real in seen:
             continue
         seen.add(real)
-        owner = owner_of(path)
-        text = read_attr(root, path)
+        text, error = read_attr_or_error(root, path)
         if text is None:
-            raise SysfsError(
-                f"cannot read {path}; expected a readable {label} attribute. Is the module run as root?"
-            )
+            raise SysfsError(_read_failure(root, path, label, error))
         choice = parse_choice(text)
         offered = choice.offered
         if available:
-            listing = read_attr(root, os.path.join(os.path.dirname(path), available))
+            beside = os.path.join(os.path.dirname(path), available)
+            listing, error = read_attr_or_error(root, beside)
             if listing is None:
                 raise SysfsError(
-                    f"cannot read {available} beside {path}; expected the list of accepted {label} values"
+                    _read_failure(
+                        root, beside, f"list of accepted {label} values", error, f"{available} beside {path}"
+                    )
                 )
             offered = tuple(listing.split())
         if offered is not None and value not in offered:
@@ -222,7 +281,7 @@ def plan_attribute_changes(
 def apply_attribute_changes(root: str, changes: list[AttributeChange]) -> None:
     """Write the attributes whose plan says they change."""
     for change in changes:
-        if not change.changed:
+        if not change.changed or change.skipped:
             continue
         try:
             with open(host_path(root, change.path), "w", encoding="utf-8") as handle:
@@ -261,4 +320,4 @@ def _read_back(root: str, path: str, expected: str, attempts: int = 5, pause_s: 
 
 def render_state(changes: list[AttributeChange], side: str) -> str:
     """Render ``before`` or ``after`` of a plan as ``path: value`` lines for ``--diff``."""
-    return "".join(f"{change.path}: {getattr(change, side)}\n" for change in changes)
+    return "".join(f"{change.path}: {getattr(change, side)}\n" for change in changes if not change.skipped)

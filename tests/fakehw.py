@@ -160,6 +160,23 @@ class FakeHost:
         for cpu in cpus:
             self.link(f"{CPU}/cpu{cpu}/cpufreq", f"../cpufreq/policy{policy}")
 
+    def take_offline(self, *cpus: int) -> None:
+        """Take CPUs offline as ``chcpu -d`` does: they leave ``online``, and a cpufreq policy left without an
+        online CPU turns inactive, whose attributes the kernel refuses to read (EBUSY). A plain file cannot
+        refuse a read, so each attribute of such a policy becomes a directory, which fails every read."""
+        online = [int(cpu) for cpu in _cpu_list(self.read(f"{CPU}/online")) if int(cpu) not in cpus]
+        self.write(f"{CPU}/online", ",".join(str(cpu) for cpu in online) or "")
+        policies = self.path(f"{CPU}/cpufreq")
+        for policy in sorted(policies.glob("policy*")) if policies.is_dir() else []:
+            related = [int(cpu) for cpu in (policy / "related_cpus").read_text().split()]
+            if any(cpu in online for cpu in related):
+                continue
+            for attribute in list(policy.iterdir()):
+                if attribute.name in ("related_cpus", "affected_cpus"):
+                    continue
+                attribute.unlink()
+                attribute.mkdir()
+
     def thp(
         self,
         enabled: str = "always [madvise] never",
@@ -257,6 +274,14 @@ class FakeHost:
         self.write(f"{base}/current_link_width", "1")
         self.write(f"{base}/max_link_speed", "8.0 GT/s PCIe")
         self.write(f"{base}/max_link_width", "4")
+
+
+def _cpu_list(text: str) -> list[int]:
+    cpus: list[int] = []
+    for part in filter(None, text.strip().split(",")):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def raspberry_pi_5(root: Path) -> FakeHost:

@@ -79,3 +79,13 @@ def test_argument_spec_rejects_a_bad_choice_and_a_missing_value(run_module, pi5)
     no_value = run_module("sysfs_attr", {"root": str(pi5), "path": GOVERNOR})
     assert no_value["failed"] is True
     assert "value" in no_value["msg"]
+
+
+def test_offline_cpu_is_skipped_with_a_warning_and_the_rest_set(run_module, x86):
+    x86.take_offline(6, 7)
+    result = run_module("sysfs_attr", governor_args(x86))
+    assert result["changed"] is True
+    assert [entry["owner"] for entry in result["attributes"]] == [f"cpu{cpu}" for cpu in range(6)]
+    assert [entry["owner"] for entry in result["skipped"]] == ["cpu6", "cpu7"]
+    assert "cpu6 is offline (online: 0-5): its governor is left alone" in str(result["warnings"])
+    assert x86.read("sys/devices/system/cpu/cpufreq/policy5/scaling_governor") == "performance"

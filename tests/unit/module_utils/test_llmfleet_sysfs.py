@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 
 import pytest
 from ansible.module_utils import llmfleet_sysfs
@@ -240,3 +242,52 @@ def test_render_state_lists_every_attribute(rk3588):
         "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor: schedutil"
     )
     assert render_state(changes, "after").count("performance") == 3
+
+
+def test_plan_leaves_an_offline_cpu_alone_and_says_so(x86):
+    x86.take_offline(7)
+    changes = plan_attribute_changes(
+        str(x86), GOVERNOR, "performance", available="scaling_available_governors"
+    )
+    planned = [change.owner for change in changes if not change.skipped]
+    assert planned == [f"cpu{cpu}" for cpu in range(7)]
+    (skipped,) = [change for change in changes if change.skipped]
+    assert skipped.owner == "cpu7"
+    assert skipped.skipped == "cpu7 is offline (online: 0-6)"
+    apply_attribute_changes(str(x86), changes)
+    assert x86.read("sys/devices/system/cpu/cpufreq/policy0/scaling_governor") == "performance"
+    assert "cpu7" not in render_state(changes, "after")
+
+
+def test_plan_sets_a_shared_policy_through_its_online_cpu(pi5):
+    pi5.take_offline(0)
+    changes = plan_attribute_changes(str(pi5), GOVERNOR, "performance")
+    assert [(change.owner, change.changed) for change in changes if not change.skipped] == [("cpu1", True)]
+
+
+def test_plan_with_offline_cpus_included_fails_naming_the_read_error(x86):
+    x86.take_offline(7)
+    with pytest.raises(SysfsError) as failure:
+        plan_attribute_changes(str(x86), GOVERNOR, "performance", online_only=False)
+    message = str(failure.value)
+    assert (
+        "cannot read /sys/devices/system/cpu/cpu7/cpufreq/scaling_governor: Is a directory (EISDIR)"
+        in message
+    )
+    assert "root" not in message
+
+
+@pytest.mark.parametrize(
+    ("code", "fragment"),
+    [
+        (errno.EBUSY, "(EBUSY); the kernel refuses reads of a cpufreq policy whose CPUs are all offline"),
+        (errno.EACCES, "(EACCES); expected a readable scaling_governor attribute. Run the module as root"),
+    ],
+)
+def test_a_failed_read_names_its_real_cause(x86, monkeypatch, code, fragment):
+    def refuse(root, path):
+        return None, OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(llmfleet_sysfs, "read_attr_or_error", refuse)
+    with pytest.raises(SysfsError, match=re.escape(fragment)):
+        plan_attribute_changes(str(x86), GOVERNOR, "performance")

@@ -200,3 +200,16 @@ def test_udev_rule_lines(rendered):
     ]
     minimal = (rendered["minimal"] / "60-llmfleet-block-queues.rules").read_text()
     assert "ACTION" not in minimal
+
+
+@pytest.mark.slow
+def test_cpu_script_sets_the_online_cpus_and_names_the_offline_ones(rendered, tmp_path):
+    host = fakehw.build("x86", tmp_path / "x86")
+    host.take_offline(5, 7)
+    result = run_cpu_script(rendered["full"] / "llmfleet-cpu-tuning", host)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "left alone, offline: cpu5 cpu7\n"
+    for cpu in (0, 1, 2, 3, 4, 6):
+        assert host.read(f"sys/devices/system/cpu/cpufreq/policy{cpu}/scaling_governor") == "performance"
+        assert host.read(f"sys/devices/system/cpu/cpu{cpu}/power/energy_perf_bias") == "0"
+    assert host.read("sys/devices/system/cpu/cpu7/power/energy_perf_bias") == "6"

@@ -47,6 +47,20 @@ def pi5_old_boot_dir(root: Path) -> fakehw.FakeHost:
     return host
 
 
+def sysctl_after_ours(root: Path) -> fakehw.FakeHost:
+    host = fakehw.build("pi5", root)
+    host.write("etc/sysctl.conf", "vm.swappiness = 10\n")
+    host.link("etc/sysctl.d/99-sysctl.conf", "../sysctl.conf")
+    host.write("etc/sysctl.d/zz-local.conf", "vm.dirty_ratio = 40\n")
+    return host
+
+
+def tuned_enabled(root: Path) -> fakehw.FakeHost:
+    host = fakehw.build("x86", root)
+    host.link("etc/systemd/system/multi-user.target.wants/tuned.service", "/lib/systemd/system/tuned.service")
+    return host
+
+
 TREES = {
     "pi5": lambda root: fakehw.build("pi5", root),
     "rk3588": lambda root: fakehw.build("rk3588", root),
@@ -57,6 +71,8 @@ TREES = {
     "pi5_no_thp": no_thp,
     "pi5_stock": lambda root: fakehw.build("pi5_stock", root),
     "pi5_old_boot_dir": pi5_old_boot_dir,
+    "pi5_sysctl_after_ours": sysctl_after_ours,
+    "x86_tuned": tuned_enabled,
 }
 
 # case: (tree, role, variables, fragment of the failure message)
@@ -123,6 +139,24 @@ FAILURES = {
         "memory_tuning_thp_enabled is 'madvise'; thp_without_kernel_support offers nothing "
         "(a kernel without THP) in /sys/kernel/mm/transparent_hugepage/enabled. Pick an offered value, "
         "or null to leave it alone.",
+    ),
+    "sysctl_file_before_distribution": (
+        "pi5",
+        "memory_tuning",
+        {"memory_tuning_sysctl_file": "/etc/sysctl.d/60-llmfleet-memory.conf"},
+        "memory_tuning_sysctl_file is /etc/sysctl.d/60-llmfleet-memory.conf; systemd-sysctl applies",
+    ),
+    "sysctl_set_again_after_ours": (
+        "pi5_sysctl_after_ours",
+        "memory_tuning",
+        {},
+        "/etc/sysctl.d/zz-local.conf line 1 sets vm.dirty_ratio = 40 (wanted 10). That is applied after ours",
+    ),
+    "governor_daemon_enabled": (
+        "x86_tuned",
+        "cpu_tuning",
+        {},
+        "tuned (/etc/systemd/system/multi-user.target.wants/tuned.service: applies its profile's governor",
     ),
     "page_cluster_20": (
         "pi5",
