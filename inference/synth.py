@@ -681,9 +681,11 @@ def synth_model(
     seed: int = 0,
     layers: int | None = None,
     progress: Callable[[str], None] | None = None,
+    shape: Shape | None = None,
 ) -> SynthResult:
-    """Write a random-weight qwen3moe GGUF of ``SHAPES[shape_name]`` to ``out``."""
-    shape = resolve_shape(shape_name, layers)
+    """Write a random-weight qwen3moe GGUF of ``SHAPES[shape_name]`` to ``out``; or of ``shape``, a shape of
+    one's own (e.g. a test's), named ``shape_name`` in the file."""
+    shape = resolve_shape(shape_name, layers) if shape is None else shape
     if quant not in QUANTS:
         raise SynthError(f"--quant {quant!r} is not supported: use one of {', '.join(QUANTS)}")
     if not 0 <= seed < 2**32:

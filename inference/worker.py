@@ -25,7 +25,7 @@ DEFAULT_PORT = 50052
 RPC_CMD_HELLO = 14
 # RPC_PROTO_{MAJOR,MINOR,PATCH}_VERSION of the llama.cpp this package is built against (ggml-rpc.h), which
 # the head speaks; a unit test checks it against a worker of the installed build.
-RPC_PROTOCOL = (7, 0, 0)
+RPC_PROTOCOL = (7, 1, 0)  # 7.0 upstream; patch 0003 adds the graph cache by uid
 # rpc_msg_hello_req carries a 24-byte transport capability block; the reply is major, minor, patch, pad, caps.
 RPC_CONN_CAPS_SIZE = 24
 

@@ -127,7 +127,7 @@ workers:
   returned: always
   type: list
   elements: dict
-  sample: [{"endpoint": "10.0.0.11:50052", "up": true, "connected": true, "protocol": "7.0.0", "detail": ""}]
+  sample: [{"endpoint": "10.0.0.11:50052", "up": true, "connected": true, "protocol": "7.1.0", "detail": ""}]
 connected_workers:
   description: Endpoints of the workers the engine is connected to.
   returned: always

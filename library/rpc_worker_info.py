@@ -50,9 +50,10 @@ options:
     description:
       - RPC protocol minor version the head speaks; a worker with a newer minor version fails, an older one
         passes, as ggml's client decides.
-      - The default is the version of llama-cpp-python 0.3.36.
+      - The default is the version of llmfleet's patched llama-cpp-python build (0.3.36+llmfleet.3, whose
+        graph cache by uid made it 7.1).
     type: int
-    default: 0
+    default: 1
   min_free_bytes:
     description:
       - Free memory the worker must have, summed over its devices, e.g. the size of its planned shard.
@@ -129,12 +130,12 @@ protocol_version:
   description: RPC protocol version of the worker, C(major.minor.patch); null unless the hello was answered.
   returned: always
   type: str
-  sample: 7.0.0
+  sample: 7.1.0
 protocol:
   description: The same version as numbers; null unless the hello was answered.
   returned: always
   type: dict
-  sample: {"major": 7, "minor": 0, "patch": 0}
+  sample: {"major": 7, "minor": 1, "patch": 0}
 device_count:
   description: Number of devices the worker serves.
   returned: always
@@ -185,7 +186,7 @@ def main() -> None:
             port=dict(type="int", default=DEFAULT_PORT),
             timeout=dict(type="float", default=5.0),
             expected_major=dict(type="int", default=7),
-            expected_minor=dict(type="int", default=0),
+            expected_minor=dict(type="int", default=1),
             min_free_bytes=dict(type="int", default=0),
             require_idle=dict(type="bool", default=False),
             rtt_samples=dict(type="int", default=5),

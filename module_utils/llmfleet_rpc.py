@@ -293,7 +293,7 @@ def problems(
     expected_major: int,
     min_free_bytes: int = 0,
     require_idle: bool = False,
-    expected_minor: int = 0,
+    expected_minor: int = 1,
 ) -> list[str]:
     """What makes this worker unfit, one sentence each; empty when it is fit.
 

@@ -81,17 +81,19 @@ pipeline() {
     { log "the Python package cannot load the build"; return 1; }
   synth || { log "model generation failed"; tail -5 "$RES/synth.log" "$RES/reshard.log" >>"$RES/progress.log"; return 1; }
   # The reshard above filled the head's cache (~/.cache/llmfleet/sharded), so the experts run loads at once.
-  bench pi-emulation 1500 --threads 4 --ctx 4096 --parallel 4 --flash-attn on --clients 1,4 --requests 1 \
-    --max-tokens 48 --prompt-tokens 512 --rpc-splits layer,experts --rpc-workers 4 \
-    --rpc-worker-threads "$WORKER_THREADS" --rpc-worker-cpus "$PI_CPUS" --rpc-worker-device cpu \
-    --rpc-head-device cpu --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load
+  local common=(--threads 4 --ctx 4096 --parallel 4 --flash-attn on --rpc-splits layer,experts --rpc-workers 4
+    --rpc-worker-threads "$WORKER_THREADS" --rpc-worker-cpus "$PI_CPUS" --rpc-worker-device cpu
+    --rpc-head-device cpu --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load)
+  # Decoding (short prompts, so the rates are not those of queued prefills), then a 512-token prefill.
+  bench pi-decode 1200 "${common[@]}" --clients 1,4 --requests 2 --max-tokens 64
+  bench pi-prefill 900 "${common[@]}" --clients 1 --requests 1 --max-tokens 4 --prompt-tokens 512
   log "pipeline done"
 }
 
 collect() {
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/results.tar.gz" -C "$W" out 2>/dev/null
-  for f in progress.log pi-emulation.md pi-emulation.err reshard.log; do
+  for f in progress.log pi-decode.md pi-decode.err pi-prefill.md pi-prefill.err reshard.log; do
     [ -e "$RES/$f" ] && cp "$RES/$f" "$OUT/"
   done
 }

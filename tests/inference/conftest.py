@@ -166,3 +166,14 @@ def procs():
     for proc in reversed(started):
         with contextlib.suppress(Exception):
             proc.stop()
+
+
+def wait_for(condition, timeout: float, what: str):
+    """``condition()``'s first true value, polled every 0.1 s; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout} s")

@@ -7,19 +7,9 @@ import signal
 import threading
 import time
 
-from tests.inference.conftest import Server, Worker, free_port, http
+from tests.inference.conftest import Server, Worker, free_port, http, wait_for
 
 KEY = "drain-test-key"
-
-
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def test_a_worker_restarted_behind_a_drained_head_costs_a_client_latency_not_errors(
@@ -61,14 +51,14 @@ def test_a_worker_restarted_behind_a_drained_head_costs_a_client_latency_not_err
 
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
-    _wait(lambda: len(answers) >= 2, 60, "two answers before the drain")
+    wait_for(lambda: len(answers) >= 2, 60, "two answers before the drain")
 
     assert http("POST", admin + "/drain", headers={})[0] == 401
     status, _, body = http("POST", admin + "/drain?lease=abc", headers=auth)
     assert status == 400 and body["error"]["param"] == "lease", body
     status, _, body = http("POST", admin + "/drain?lease=120&wait=30", headers=auth)
     assert status == 200 and body["drained"] is True and body["active"] == 0, body
-    _wait(lambda: server.health()["slots"]["waiting"] == 1, 30, "the client's next request queued")
+    wait_for(lambda: server.health()["slots"]["waiting"] == 1, 30, "the client's next request queued")
     answered = len(answers)
     time.sleep(1)
     assert len(answers) == answered, "a request went through a drained head"
@@ -76,7 +66,7 @@ def test_a_worker_restarted_behind_a_drained_head_costs_a_client_latency_not_err
     pid = server.health()["engine"]["pid"]
     worker.stop(signal.SIGTERM)
     procs(Worker, tmp_path, port=worker.port)
-    _wait(
+    wait_for(
         lambda: (h := server.health()) and h["status"] == "ok" and h["engine"].get("pid") not in (None, pid),
         90,
         "a new engine on the restarted worker",
@@ -85,7 +75,7 @@ def test_a_worker_restarted_behind_a_drained_head_costs_a_client_latency_not_err
     assert health["draining"] is True and health["slots"]["waiting"] == 1, health
     status, _, body = http("POST", admin + "/resume", headers=auth)
     assert status == 200 and body["draining"] is False, body
-    _wait(lambda: len(answers) >= answered + 2, 60, "answers after the resume")
+    wait_for(lambda: len(answers) >= answered + 2, 60, "answers after the resume")
     stop.set()
     thread.join(120)
     assert set(answers) == {200}, answers

@@ -7,6 +7,7 @@ import json
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from inference import reshard
 from inference.config import ServeConfig
 from inference.engine import Engine, SamplingParams
-from inference.synth import synth_model
+from inference.synth import SHAPES, synth_model
 from tests.ansiblerun import REPO
 from tests.inference.conftest import Server, Worker
 
@@ -140,3 +141,27 @@ def test_expert_split_needs_rpc_workers(models):
 
     with pytest.raises(ConfigError, match="--split experts"):
         ServeConfig(model=str(models["q8_0"]), split="experts").validated()
+
+
+def test_the_expert_split_of_qwen3s_depth_fits_llama_cpps_graph(tmp_path, procs):
+    # Qwen3-30B-A3B's 48 layers and 8 experts per token at the smallest widths, cut four ways: four MoE
+    # blocks per layer make a graph of about 7,000 nodes, more than llama.cpp sizes its graph for from the
+    # tensor count alone.
+    deep = replace(
+        SHAPES["tiny"], n_layer=48, n_embd=128, n_head=2, n_head_kv=1, n_expert=16, n_expert_used=8
+    )
+    deep = replace(deep, n_ff_exp=128, n_ff=256)
+    model = tmp_path / "tiny-deep.gguf"
+    synth_model("tiny-deep", "q8_0", model, seed=3, shape=deep)
+    workers = [procs(Worker, tmp_path) for _ in range(4)]
+    rpc = ",".join(w.endpoint for w in workers)
+    common = ("--ctx", "1024", "--parallel", "4", "--sharded-cache-dir", str(tmp_path / "sharded"))
+    local = procs(Server, tmp_path, model, *common)
+    status, _, reference = local.complete("Forty-eight layers", max_tokens=8)
+    assert status == 200
+    local.stop()
+    server = procs(Server, tmp_path, model, "--rpc", rpc, "--split", "experts", *common)
+    assert server.health()["status"] == "ok", server.output()
+    status, _, body = server.complete("Forty-eight layers", max_tokens=8)
+    assert status == 200, body
+    assert body["choices"][0]["text"] == reference["choices"][0]["text"]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.inference.conftest import Server, Worker, http
+from tests.inference.conftest import Server, Worker, http, wait_for
 
 RPC_TIMEOUT = 3
 PROBE_INTERVAL = 1
@@ -36,16 +36,6 @@ def _server(procs, tmp_path, model, workers, *extra):
     )
 
 
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
-
-
 def test_a_stopped_worker_fails_the_request_in_flight_and_the_head_recovers_after_it_resumes(
     tiny_model, procs, tmp_path
 ):
@@ -59,7 +49,7 @@ def test_a_stopped_worker_fails_the_request_in_flight_and_the_head_recovers_afte
 
     client = threading.Thread(target=long_request)
     client.start()
-    _wait(lambda: http("GET", server.url + "/health")[2]["slots"]["active"], 30, "the request starting")
+    wait_for(lambda: http("GET", server.url + "/health")[2]["slots"]["active"], 30, "the request starting")
     time.sleep(0.3)
     second.popen.send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -90,7 +80,7 @@ def test_a_worker_stopped_while_the_head_is_idle_shows_in_health_without_a_reque
     server = _server(procs, tmp_path, tiny_model, [worker])
     worker.popen.send_signal(signal.SIGSTOP)
     try:
-        health = _wait(
+        health = wait_for(
             lambda: (h := server.health()) and h["status"] == "degraded" and not h["workers"][0]["up"] and h,
             PROBE_INTERVAL + min(RPC_TIMEOUT, 10) + 15,
             "the stopped worker reported down",
@@ -112,7 +102,7 @@ def test_a_restarted_worker_is_noticed_before_the_next_request(tiny_model, procs
     procs(Worker, tmp_path, port=second.port)
     # The engine sees its connection hang up and restarts on the new worker process: no request is needed
     # to find out, and none fails for it.
-    _wait(
+    wait_for(
         lambda: (h := server.health()) and h["status"] == "ok" and h["engine"].get("pid") not in (None, pid),
         60,
         "a new engine serving",
@@ -138,7 +128,7 @@ def test_the_worker_probes_an_idle_client_connection_with_tcp_keepalive(tmp_path
     client slot forever; keepalive ends that connection, and the worker accepts the next head."""
     worker = procs(Worker, tmp_path)
     with socket.create_connection(("127.0.0.1", worker.port)):
-        lines = _wait(lambda: _keepalive_timers(worker.port), 10, "the accepted connection")
+        lines = wait_for(lambda: _keepalive_timers(worker.port), 10, "the accepted connection")
         assert "timer:(keepalive" in lines[0], lines
 
 
@@ -157,7 +147,7 @@ def test_the_head_speaks_the_protocol_version_it_compares_against(tmp_path, proc
     assert rpc_hello("127.0.0.1", worker.port) == RPC_PROTOCOL
 
 
-@pytest.mark.parametrize("version", [(7, 1, 0), (8, 0, 0), (6, 0, 0)])
+@pytest.mark.parametrize("version", [(7, 2, 0), (8, 0, 0), (6, 0, 0)])
 def test_a_worker_of_another_build_is_refused_by_name_without_starting_an_engine(
     tiny_model, version, tmp_path
 ):
@@ -168,7 +158,7 @@ def test_a_worker_of_another_build_is_refused_by_name_without_starting_an_engine
     endpoint = f"127.0.0.1:{fake.port}"
     server = Server(tmp_path, tiny_model, "--rpc", endpoint, wait=False)
     try:
-        health = _wait(
+        health = wait_for(
             lambda: (h := server.health()) and h["status"] == "degraded" and h["workers"][0]["detail"] and h,
             60,
             "the worker refused",

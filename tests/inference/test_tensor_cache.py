@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from inference import worker as worker_module
-from inference.synth import synth_model
+from inference.synth import SHAPES, synth_model
 from tests.inference.conftest import Server, Worker
 
 PROMPT = "The cache"
@@ -22,8 +23,12 @@ PROMPT = "The cache"
 
 @pytest.fixture(scope="module")
 def bench_model(tmp_path_factory) -> Path:
+    # One layer of the bench shape with 48 experts: its expert tensors (13 MB each) are over ggml-rpc's
+    # 10 MiB threshold for sending a hash first, and they are what reaches the worker (the output matrix,
+    # the other large tensor, stays on the head).
     path = tmp_path_factory.mktemp("models") / "bench-1layer.gguf"
-    synth_model("bench", "q8_0", path, seed=3, layers=1)
+    shape = replace(SHAPES["bench"], n_layer=1, n_expert=48)
+    synth_model("bench-1layer-48-experts", "q8_0", path, seed=3, shape=shape)
     return path
 
 

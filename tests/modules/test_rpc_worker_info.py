@@ -170,7 +170,7 @@ def test_other_major_version_fails_with_both_versions(fake):
     info = rpc.probe("127.0.0.1", server.port)
     assert info["protocol_version"] == "6.2.1"
     (message,) = rpc.problems(info, expected_major=7)
-    assert "speaks protocol 6.2.1 and the head speaks 7.0" in message
+    assert "speaks protocol 6.2.1 and the head speaks 7.1" in message
     assert "another major version" in message
     assert "same llama-cpp-python build" in message
 
@@ -205,12 +205,12 @@ def test_version_check_follows_ggml_clients_rule(fake, worker_version, head, ref
 
 
 def test_module_fails_on_a_newer_minor_version_naming_both(run_module, fake):
-    server = fake(version=(7, 1, 0))
+    server = fake(version=(7, 2, 0))
     result = run_module("rpc_worker_info", {"host": "127.0.0.1", "port": server.port})
     assert result["failed"] is True
-    assert "speaks protocol 7.1.0 and the head speaks 7.0" in result["msg"]
-    assert result["protocol"] == {"major": 7, "minor": 1, "patch": 0}
-    result = run_module("rpc_worker_info", {"host": "127.0.0.1", "port": server.port, "expected_minor": 1})
+    assert "speaks protocol 7.2.0 and the head speaks 7.1" in result["msg"]
+    assert result["protocol"] == {"major": 7, "minor": 2, "patch": 0}
+    result = run_module("rpc_worker_info", {"host": "127.0.0.1", "port": server.port, "expected_minor": 2})
     assert not result.get("failed") and result["state"] == "ok"
 
 

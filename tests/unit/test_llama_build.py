@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
 import sys
 import tomllib
 
@@ -48,6 +50,21 @@ def test_the_series_lists_every_patch_once_and_each_has_a_header():
 
 
 def test_a_version_without_a_label_is_refused():
-    with pytest.raises(SystemExit, match=re.escape("0.3.36+llmfleet.2")):
+    with pytest.raises(SystemExit, match=re.escape("must look like 0.3.36+llmfleet.")):
         build_wheel.label("0.3.36")
     assert build_wheel.label("0.3.36+llmfleet.2") == ("0.3.36", "llmfleet.2")
+
+
+def test_the_makefile_s_wheel_build_command_parses(tmp_path):
+    # CMAKE_ARGS starts with a dash: passed as a separate word, argparse takes it for an option of its own.
+    printed = subprocess.run(
+        ["make", "-n", "wheelhouse", f"WHEELHOUSE={tmp_path / 'none'}", "BIN=/usr/bin"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    command = re.search(r"build_wheel\.py (.*?);", printed)
+    assert command, printed
+    args = build_wheel.parser().parse_args(shlex.split(command[1]))
+    assert args.cmake_args.startswith("-DGGML_RPC=on") and args.version == makefile_build()
