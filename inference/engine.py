@@ -283,9 +283,7 @@ class Engine:
         patterns = [rf"\.shard{k}\.weight$" for k in range(len(self.rpc_handles))]
         buffer_types = [ggml.buffer_type(handle) for _, handle in self.rpc_handles]
         self._override_buffer_types(params, list(zip(patterns, buffer_types, strict=True)))
-        local_gpus = [
-            d for d in ggml.devices() if d.kind in ("gpu", "igpu") and d.name not in self._rpc_names()
-        ]
+        local_gpus = self._local_gpus()
         if local_gpus:
             # Layers go to the local GPUs alone: RPC devices (registered after them) get a zero share.
             shares = [1.0] * len(local_gpus) + [0.0] * len(self.rpc_handles)
@@ -300,8 +298,7 @@ class Engine:
         floats, 0.6 MB, for Qwen3)."""
         from inference import ggml
 
-        rpc = {handle for _, handle in self.rpc_handles}
-        gpus = [h for h in ggml.device_handles() if h not in rpc and ggml.describe(h).kind in ("gpu", "igpu")]
+        gpus = self._local_gpus()
         head = gpus[0] if gpus else ggml.cpu_device()
         self._override_buffer_types(params, [(r"^output\.weight$", ggml.buffer_type(head))])
 
@@ -317,8 +314,12 @@ class Engine:
         self._buft_overrides = overrides  # kept alive for the model's life
         params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
 
-    def _rpc_names(self) -> set[str]:
-        return {device.name for device in self.rpc_devices}
+    def _local_gpus(self) -> list[int]:
+        """Handles of this machine's GPUs in the registry (the RPC workers' devices left out), in order."""
+        from inference import ggml
+
+        rpc = {handle for _, handle in self.rpc_handles}
+        return [h for h in ggml.device_handles() if h not in rpc and ggml.describe(h).kind in ("gpu", "igpu")]
 
     def _load_model(self):
         lc, config = self.llama_cpp, self.config

@@ -148,9 +148,9 @@ def test_the_expert_split_of_qwen3s_depth_fits_llama_cpps_graph(tmp_path, procs)
     # blocks per layer make a graph of about 7,000 nodes, more than llama.cpp sizes its graph for from the
     # tensor count alone.
     deep = replace(
-        SHAPES["tiny"], n_layer=48, n_embd=128, n_head=2, n_head_kv=1, n_expert=16, n_expert_used=8
-    )
-    deep = replace(deep, n_ff_exp=128, n_ff=256)
+        SHAPES["tiny"], n_layer=48, n_embd=128, n_head=2, n_head_kv=1, n_expert=16, n_expert_used=8,
+        n_ff_exp=128, n_ff=256,
+    )  # fmt: skip
     model = tmp_path / "tiny-deep.gguf"
     synth_model("tiny-deep", "q8_0", model, seed=3, shape=deep)
     workers = [procs(Worker, tmp_path) for _ in range(4)]

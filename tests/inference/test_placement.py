@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 from inference.netsim import Relay
+from inference.synth import SHAPES
 from inference.tokenizer import Tokenizer
 
 from .conftest import Server, Worker
+
+EXTRA_TOKENS = 32
+
+
+def bytes_per_generated_token(
+    server: Server, relays: list[Relay], direction: str, prompt: str
+) -> list[float]:
+    """Each relay's bytes in ``direction`` (``to_head`` or ``to_worker``) per generated token: a request of
+    1 + EXTRA_TOKENS tokens against one of 1 with the same prompt, so that the prompt's share cancels out."""
+
+    def sent(max_tokens: int) -> list[int]:
+        before = [getattr(r.stats, direction) for r in relays]
+        status, _, body = server.complete(prompt, max_tokens=max_tokens, ignore_eos=True)
+        assert status == 200 and body["usage"]["completion_tokens"] == max_tokens, body
+        return [getattr(r.stats, direction) - b for r, b in zip(relays, before, strict=True)]
+
+    short, long = sent(1), sent(1 + EXTRA_TOKENS)
+    return [(b - a) / EXTRA_TOKENS for a, b in zip(short, long, strict=True)]
 
 
 def test_layer_split_keeps_the_output_matrix_on_the_head(tiny_model, tmp_path, procs):
@@ -19,16 +38,7 @@ def test_layer_split_keeps_the_output_matrix_on_the_head(tiny_model, tmp_path, p
             Server, tmp_path, tiny_model, "--rpc", relay.endpoint, "--split", "layer", "--ctx", "512",
             "--parallel", "1", "--worker-probe-interval", "3600",
         )  # fmt: skip
-
-        def bytes_to_head(max_tokens: int) -> int:
-            before = relay.stats.to_head
-            status, _, body = server.complete(
-                "Where do the logits live", max_tokens=max_tokens, ignore_eos=True
-            )
-            assert status == 200 and body["usage"]["completion_tokens"] == max_tokens, body
-            return relay.stats.to_head - before
-
-        per_token = (bytes_to_head(33) - bytes_to_head(1)) / 32
+        (per_token,) = bytes_per_generated_token(server, [relay], "to_head", "Where do the logits live")
     finally:
         relay.stop()
     assert per_token < n_vocab * 4 / 2, (
@@ -48,20 +58,12 @@ def test_the_expert_split_sends_each_layers_graph_once(tiny_model, tmp_path, pro
             "--ctx", "512", "--parallel", "1", "--worker-probe-interval", "3600",
             "--sharded-cache-dir", str(tmp_path / "sharded"),
         )  # fmt: skip
-
-        def bytes_to_workers(max_tokens: int) -> list[int]:
-            before = [r.stats.to_worker for r in relays]
-            status, _, body = server.complete("Graphs kept by uid", max_tokens=max_tokens, ignore_eos=True)
-            assert status == 200 and body["usage"]["completion_tokens"] == max_tokens, body
-            return [r.stats.to_worker - b for r, b in zip(relays, before, strict=True)]
-
-        short, long = bytes_to_workers(1), bytes_to_workers(33)
+        sent = bytes_per_generated_token(server, relays, "to_worker", "Graphs kept by uid")
     finally:
         for relay in relays:
             relay.stop()
-    n_layer = 4  # the tiny shape
-    for sent_short, sent_long in zip(short, long, strict=True):
-        per_token = (sent_long - sent_short) / 32
+    n_layer = SHAPES["tiny"].n_layer
+    for per_token in sent:
         assert per_token < n_layer * 4096, (
             f"{per_token:.0f} bytes per token to a worker over {n_layer} layers"
         )
