@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inference.netsim import ProcessRelay
+from inference.netsim import ProcessRelay, median_round_trip
 
 CACHE = pathlib.Path(os.environ.get("LLMFLEET_CACHE", pathlib.Path.home() / ".cache" / "llmfleet"))
 PROMPTS = [
@@ -106,6 +106,7 @@ class Result:
     ttft: float
     rpc_bytes_per_token: float | None = None
     rpc_round_trips_per_token: float | None = None
+    rpc_worker_ms_per_token: float | None = None  # time a worker held its turns, mean over the workers
     decode_rate: float | None = None  # tokens/s of one stream after its first token, mean over requests
     prompt_tokens: float | None = None  # mean prompt size the server reported
     ttft_max: float | None = None
@@ -482,6 +483,16 @@ def run(argv: list[str] | None = None) -> int:
     log_dir = CACHE / "bench-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
+    args.link_round_trip_ms = None
+    if args.rpc_splits and not args.no_relay:
+        # what one round trip over the emulated link really takes here, relay included, against the model
+        args.link_round_trip_ms = median_round_trip(args.link_delay_ms, args.link_rate_mbit) * 1000
+        print(
+            f"# link: a round trip through a relay takes {args.link_round_trip_ms:.3f} ms "
+            f"(median of 200 pings; the link model alone: {2 * args.link_delay_ms:.3f} ms)",
+            file=sys.stderr,
+            flush=True,
+        )
     # Rounds interleave the servers, so background load on a shared machine falls on each of them alike, and
     # every other round runs them in reverse order, so that no server always follows the same one.
     plan = []
@@ -539,6 +550,8 @@ def run(argv: list[str] | None = None) -> int:
                     )
                     result.rpc_bytes_per_token = moved / result.tokens
                     result.rpc_round_trips_per_token = turns / result.tokens
+                    held = [a["worker_s"] - b["worker_s"] for a, b in zip(after, before, strict=True)]
+                    result.rpc_worker_ms_per_token = statistics.mean(held) * 1000 / result.tokens
                 results.append(result)
                 if args.json:
                     write_json(args.json, results)
@@ -609,17 +622,25 @@ def print_table(results: list[Result], clients: list[int], model: pathlib.Path, 
     print(
         f"{args.requests} requests per client of {args.max_tokens} tokens, {prompt}, temperature 0, ", end=""
     )
-    print(f"median of {args.rounds} interleaved round(s)\n")
+    print(f"median of {args.rounds} interleaved round(s)")
+    if getattr(args, "link_round_trip_ms", None) is not None:
+        print(
+            f"Emulated link: {args.link_rate_mbit or 'unlimited'} Mbit/s, {args.link_delay_ms} ms each way; a round "
+            f"trip through its relay measured {args.link_round_trip_ms:.3f} ms (the model alone: "
+            f"{2 * args.link_delay_ms:.3f} ms)"
+        )
+    print()
     print(
         "| server | clients | tokens | seconds | tok/s | range | vs llama-server | per round vs llama-server "
-        "| mean TTFT ms | RPC KiB/token | RPC round trips/token | decode tok/s per stream "
+        "| mean TTFT ms | RPC KiB/token | RPC round trips/token | RPC worker ms/token | decode tok/s per stream "
         "| decode vs llama-server | max TTFT ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r, low, high in rows:
         ratio = f"{r.rate / base[r.clients]:.2f}x" if base.get(r.clients) else "—"
         kib = f"{r.rpc_bytes_per_token / 1024:.1f}" if r.rpc_bytes_per_token is not None else "—"
         trips = f"{r.rpc_round_trips_per_token:.1f}" if r.rpc_round_trips_per_token is not None else "—"
+        held = f"{r.rpc_worker_ms_per_token:.1f}" if r.rpc_worker_ms_per_token is not None else "—"
         decode = f"{r.decode_rate:.2f}" if r.decode_rate else "—"
         ref = base_decode.get(r.clients)
         decode_ratio = f"{r.decode_rate / ref:.2f}x" if ref and r.decode_rate else "—"
@@ -632,7 +653,7 @@ def print_table(results: list[Result], clients: list[int], model: pathlib.Path, 
         )
         print(
             f"| {r.target} | {r.clients} | {r.tokens} | {r.seconds:.1f} | {r.rate:.2f} | {low:.2f} to {high:.2f} "
-            f"| {ratio} | {per_round} | {r.ttft * 1000:.0f} | {kib} | {trips} | {decode} | {decode_ratio} "
+            f"| {ratio} | {per_round} | {r.ttft * 1000:.0f} | {kib} | {trips} | {held} | {decode} | {decode_ratio} "
             f"| {worst} |"
         )
 

@@ -11,7 +11,8 @@
 # with inference/patches/llama.cpp applied), llama_cpp-py.tar.gz (that sdist's Python package) and whl/
 # (gguf, diskcache). Four workers of $WORKER_THREADS threads pinned to $PI_CPUS stand for the Pis, each behind
 # a relay that gives its link 940 Mbit/s and 0.15 ms one way (inference/netsim.py); the head runs on
-# $HEAD_CPUS with 4 threads. Work and results go to $W (default /tmp/w).
+# $HEAD_CPUS with 4 threads. Work and results go to $W (default /tmp/w). $SPLITS, $REQUESTS and $PREFILL
+# (below) trim the run to fit a machine's time.
 set -u
 CARRY=${CARRY:-$PWD/.gpu}
 SRC=${SRC:-$PWD}
@@ -24,6 +25,9 @@ PI_CPUS=${PI_CPUS:-0-2:3-5:6-8:9-11}
 WORKER_THREADS=${WORKER_THREADS:-3}
 HEAD_CPUS=${HEAD_CPUS:-12-15}
 PYTHON=${PYTHON:-python3}
+SPLITS=${SPLITS:-layer,experts}   # the RPC splits to run, after the single node
+REQUESTS=${REQUESTS:-2}           # decoding requests per client
+PREFILL=${PREFILL:-yes}           # also the 512-token prefill run
 
 log() { echo "$(date +%T) $*" | tee -a "$RES/progress.log"; }
 
@@ -81,12 +85,12 @@ pipeline() {
     { log "the Python package cannot load the build"; return 1; }
   synth || { log "model generation failed"; tail -5 "$RES/synth.log" "$RES/reshard.log" >>"$RES/progress.log"; return 1; }
   # The reshard above filled the head's cache (~/.cache/llmfleet/sharded), so the experts run loads at once.
-  local common=(--threads 4 --ctx 4096 --parallel 4 --flash-attn on --rpc-splits layer,experts --rpc-workers 4
+  local common=(--threads 4 --ctx 4096 --parallel 4 --flash-attn on --rpc-splits "$SPLITS" --rpc-workers 4
     --rpc-worker-threads "$WORKER_THREADS" --rpc-worker-cpus "$PI_CPUS" --rpc-worker-device cpu
     --rpc-head-device cpu --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load)
   # Decoding (short prompts, so the rates are not those of queued prefills), then a 512-token prefill.
-  bench pi-decode 1200 "${common[@]}" --clients 1,4 --requests 2 --max-tokens 64
-  bench pi-prefill 900 "${common[@]}" --clients 1 --requests 1 --max-tokens 4 --prompt-tokens 512
+  bench pi-decode 1200 "${common[@]}" --clients 1,4 --requests "$REQUESTS" --max-tokens 64
+  [ "$PREFILL" = yes ] && bench pi-prefill 900 "${common[@]}" --clients 1 --requests 1 --max-tokens 4 --prompt-tokens 512
   log "pipeline done"
 }
 

@@ -6,10 +6,10 @@ import socket
 import threading
 import time
 
-from inference.netsim import Link, ProcessRelay, Relay
+from inference.netsim import Link, ProcessRelay, Relay, median_round_trip
 
 
-def _echo_server() -> tuple[socket.socket, int]:
+def _echo_server(think_s: float = 0.0) -> tuple[socket.socket, int]:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -18,6 +18,7 @@ def _echo_server() -> tuple[socket.socket, int]:
         conn, _ = server.accept()
         with conn:
             while data := conn.recv(65536):
+                time.sleep(think_s)
                 conn.sendall(data)
 
     threading.Thread(target=serve, daemon=True).start()
@@ -42,7 +43,12 @@ def test_relay_counts_bytes_and_round_trips():
         deadline = time.monotonic() + 5
         while relay.stats.to_head < 4010 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert relay.stats.snapshot() == {"to_worker": 4010, "to_head": 4010, "round_trips": 3}
+        counts = relay.stats.snapshot()
+        assert {k: counts[k] for k in ("to_worker", "to_head", "round_trips")} == {
+            "to_worker": 4010,
+            "to_head": 4010,
+            "round_trips": 3,
+        }
     finally:
         relay.stop()
         server.close()
@@ -56,6 +62,19 @@ def test_relay_adds_the_link_delay_to_each_round_trip():
         _exchange(relay.port, [b"ping"] * 4)
         elapsed = time.monotonic() - started
         assert elapsed >= 4 * 2 * 0.025
+    finally:
+        relay.stop()
+        server.close()
+
+
+def test_relay_times_the_workers_turns_without_the_link():
+    server, port = _echo_server(think_s=0.05)
+    relay = Relay(("127.0.0.1", port), delay_ms=40).start()
+    try:
+        _exchange(relay.port, [b"ping"] * 3)
+        held = relay.stats.snapshot()["worker_s"]
+        # three turns of 50 ms at the worker; the 2 x 40 ms a turn spends on the link is not the worker's
+        assert 3 * 0.05 <= held < 3 * 0.05 + 3 * 0.04
     finally:
         relay.stop()
         server.close()
@@ -106,10 +125,22 @@ def test_process_relay_counts_in_its_own_process_and_follows_set_link():
             ping = _pinger(sock)
             ping(b"x" * 1000)
             ping(b"y" * 3000)
-            assert relay.stats.snapshot() == {"to_worker": 4000, "to_head": 4000, "round_trips": 2}
+            counts = relay.stats.snapshot()
+            assert {k: counts[k] for k in ("to_worker", "to_head", "round_trips")} == {
+                "to_worker": 4000,
+                "to_head": 4000,
+                "round_trips": 2,
+            }
+            assert 0 < counts["worker_s"] < 1
             relay.set_link(delay_ms=25)
             time.sleep(0.3)  # the relay process polls for link changes
             assert ping() >= 2 * 0.025
     finally:
         relay.stop()
         server.close()
+
+
+def test_a_sub_millisecond_link_delay_stays_sub_millisecond():
+    # A Pi's link: 0.15 ms each way. Timers that round up to whole milliseconds made each round trip take
+    # 2-3 ms, which swamped the expert split's one round trip a layer and worker.
+    assert median_round_trip(delay_ms=0.15, pings=100) < 0.0015

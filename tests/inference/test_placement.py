@@ -14,8 +14,9 @@ EXTRA_TOKENS = 32
 def bytes_per_generated_token(
     server: Server, relays: list[Relay], direction: str, prompt: str
 ) -> list[float]:
-    """Each relay's bytes in ``direction`` (``to_head`` or ``to_worker``) per generated token: a request of
-    1 + EXTRA_TOKENS tokens against one of 1 with the same prompt, so that the prompt's share cancels out."""
+    """Each relay's count ``direction`` (``to_head`` or ``to_worker`` bytes, or ``round_trips``) per generated token: a request of
+    1 + EXTRA_TOKENS tokens against one of 1 with the same prompt, so that the prompt's share cancels out (the
+    server must run with --no-cache-prompt, or the second request would skip the prompt)."""
 
     def sent(max_tokens: int) -> list[int]:
         before = [getattr(r.stats, direction) for r in relays]
@@ -36,7 +37,7 @@ def test_layer_split_keeps_the_output_matrix_on_the_head(tiny_model, tmp_path, p
     try:
         server = procs(
             Server, tmp_path, tiny_model, "--rpc", relay.endpoint, "--split", "layer", "--ctx", "512",
-            "--parallel", "1", "--worker-probe-interval", "3600",
+            "--parallel", "1", "--worker-probe-interval", "3600", "--no-cache-prompt",
         )  # fmt: skip
         (per_token,) = bytes_per_generated_token(server, [relay], "to_head", "Where do the logits live")
     finally:
@@ -55,7 +56,7 @@ def test_the_expert_split_sends_each_layers_graph_once(tiny_model, tmp_path, pro
     try:
         server = procs(
             Server, tmp_path, tiny_model, "--rpc", ",".join(r.endpoint for r in relays), "--split", "experts",
-            "--ctx", "512", "--parallel", "1", "--worker-probe-interval", "3600",
+            "--ctx", "512", "--parallel", "1", "--worker-probe-interval", "3600", "--no-cache-prompt",
             "--sharded-cache-dir", str(tmp_path / "sharded"),
         )  # fmt: skip
         sent = bytes_per_generated_token(server, relays, "to_worker", "Graphs kept by uid")
@@ -67,3 +68,31 @@ def test_the_expert_split_sends_each_layers_graph_once(tiny_model, tmp_path, pro
         assert per_token < n_layer * 4096, (
             f"{per_token:.0f} bytes per token to a worker over {n_layer} layers"
         )
+
+
+def test_the_expert_split_fetches_one_partial_sum_a_layer_from_each_worker(tiny_model, tmp_path, procs):
+    # Each worker weights and adds its slice's outputs over the selected experts itself, so one layer sends
+    # back one [n_embd] partial a token in one round trip; the head only adds the workers' partials. Were
+    # the sum over experts left to the head, each worker would send n_expert_used rows a layer, and a
+    # second round trip for them.
+    shape = SHAPES["tiny"]
+    workers = [procs(Worker, tmp_path) for _ in range(2)]
+    relays = [Relay(("127.0.0.1", w.port)).start() for w in workers]
+    try:
+        server = procs(
+            Server, tmp_path, tiny_model, "--rpc", ",".join(r.endpoint for r in relays), "--split", "experts",
+            "--ctx", "512", "--parallel", "1", "--worker-probe-interval", "3600", "--no-cache-prompt",
+            "--sharded-cache-dir", str(tmp_path / "sharded"),
+        )  # fmt: skip
+        back = bytes_per_generated_token(server, relays, "to_head", "One partial a layer")
+        trips = bytes_per_generated_token(server, relays, "round_trips", "One round trip a layer")
+    finally:
+        for relay in relays:
+            relay.stop()
+    partial = shape.n_embd * 4  # one f32 row
+    for per_token, turns in zip(back, trips, strict=True):
+        print(f"{per_token:.0f} bytes and {turns:.2f} round trips a token from a worker")
+        assert per_token < shape.n_layer * partial * 1.5, (
+            f"{per_token:.0f} bytes per token from a worker, one partial a layer is {partial}"
+        )
+        assert turns <= shape.n_layer + 1, f"{turns:.2f} round trips per token, {shape.n_layer} layers"
