@@ -85,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _synth_model(args: argparse.Namespace) -> int:
     from inference import synth
 
-    return synth.main_synth(args.shape, args.quant, args.out, args.seed, args.layers)
+    return synth.main_synth(args.shape, args.quant, args.out, args.seed, args.layers, args.jobs)
 
 
 def _seed(text: str) -> int:
@@ -105,6 +105,16 @@ def _layers(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer: give e.g. --layers 2") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is too small: give at least 1 layer")
+    return value
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: give e.g. --jobs 4") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: give at least 1 process")
     return value
 
 
@@ -131,6 +141,12 @@ def _add_synth_model(sub: argparse._SubParsersAction) -> None:
         type=_layers,
         default=None,
         help="write only the first N layers of the shape (to try the writer on a large shape quickly)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=1,
+        help="processes making the random data (default 1); the file is the same for any number",
     )
     p.set_defaults(func=_synth_model)
 

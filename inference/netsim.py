@@ -171,7 +171,9 @@ class Relay:
                 if sock in self._sockets:
                     self._sockets.remove(sock)
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, direction: str, done: threading.Semaphore) -> None:
+    def _pipe(
+        self, source: socket.socket, sink: socket.socket, direction: str, done: threading.Semaphore
+    ) -> None:
         link = Link(self.delay_s, self.rate_bps)
         pending: queue.SimpleQueue = queue.SimpleQueue()
         shaped = False  # once data has gone through the queue, later data must not overtake it
@@ -232,7 +234,12 @@ class SharedStats(LinkStats):
 
     def snapshot(self) -> dict:
         to_worker, to_head, round_trips, worker_ns = self._counters[:]
-        return {"to_worker": to_worker, "to_head": to_head, "round_trips": round_trips, "worker_s": worker_ns / 1e9}
+        return {
+            "to_worker": to_worker,
+            "to_head": to_head,
+            "round_trips": round_trips,
+            "worker_s": worker_ns / 1e9,
+        }
 
 
 def _relay_process(upstream, delay_ms, rate_mbit, counters, link, conn) -> None:

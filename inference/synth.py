@@ -68,9 +68,12 @@ Vocabulary
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import ctypes
 import functools
 import itertools
+import multiprocessing
 import os
 import re
 import resource
@@ -362,32 +365,71 @@ def _rng(seed: int, name: str, shape: tuple[int, ...], chunk: int) -> np.random.
     return np.random.default_rng([seed, zlib.crc32(name.encode()), *shape, chunk])
 
 
-def _chunks(spec: TensorSpec, seed: int, ggml_type: int) -> Iterator[bytes]:
-    """The tensor's data, packed for ``ggml_type``, in pieces of at most CHUNK_ELEMS weights."""
+def _n_chunks(spec: TensorSpec) -> int:
     if spec.kind == "ones":
-        yield np.ones(spec.n_elements, dtype=np.float32).tobytes()
-        return
+        return 1
+    row = spec.shape[-1]
+    rows_per_chunk = max(1, CHUNK_ELEMS // row)
+    return -(-(spec.n_elements // row) // rows_per_chunk)
+
+
+def _chunk(spec: TensorSpec, seed: int, ggml_type: int, chunk: int) -> bytes:
+    """Piece ``chunk`` of the tensor's data (at most CHUNK_ELEMS weights), packed for ``ggml_type``. Each
+    piece depends only on its arguments, so pieces can be made in any order or process."""
+    if spec.kind == "ones":
+        return np.ones(spec.n_elements, dtype=np.float32).tobytes()
     row = spec.shape[-1]
     n_rows = spec.n_elements // row
     rows_per_chunk = max(1, CHUNK_ELEMS // row)
+    first = chunk * rows_per_chunk
+    n = (min(n_rows, first + rows_per_chunk) - first) * row
+    rng = _rng(seed, spec.name, spec.shape, chunk)
+    if spec.kind == "normal":
+        return (rng.standard_normal(n, dtype=np.float32) * np.float32(spec.std)).tobytes()
     step = spec.std / _UNIFORM_INT8_STD
-    for chunk, first in enumerate(range(0, n_rows, rows_per_chunk)):
-        n = (min(n_rows, first + rows_per_chunk) - first) * row
-        rng = _rng(seed, spec.name, spec.shape, chunk)
-        if spec.kind == "normal":
-            yield (rng.standard_normal(n, dtype=np.float32) * np.float32(spec.std)).tobytes()
-            continue
-        q = rng.integers(-127, 128, size=n, dtype=np.int8).view(np.uint8).reshape(-1, _BLOCK)
-        if ggml_type == _GGML_Q8_0:
-            out = np.empty((q.shape[0], 34), dtype=np.uint8)
-            out[:, :2] = np.frombuffer(np.float16(step).tobytes(), dtype=np.uint8)
-            out[:, 2:] = q
-        else:
-            nib = _Q4_LUT[q]
-            out = np.empty((q.shape[0], 18), dtype=np.uint8)
-            out[:, :2] = np.frombuffer(np.float16(step * 127 / 7).tobytes(), dtype=np.uint8)
-            out[:, 2:] = nib[:, :16] | (nib[:, 16:] << 4)
-        yield out.tobytes()
+    q = rng.integers(-127, 128, size=n, dtype=np.int8).view(np.uint8).reshape(-1, _BLOCK)
+    if ggml_type == _GGML_Q8_0:
+        out = np.empty((q.shape[0], 34), dtype=np.uint8)
+        out[:, :2] = np.frombuffer(np.float16(step).tobytes(), dtype=np.uint8)
+        out[:, 2:] = q
+    else:
+        nib = _Q4_LUT[q]
+        out = np.empty((q.shape[0], 18), dtype=np.uint8)
+        out[:, :2] = np.frombuffer(np.float16(step * 127 / 7).tobytes(), dtype=np.uint8)
+        out[:, 2:] = nib[:, :16] | (nib[:, 16:] << 4)
+    return out.tobytes()
+
+
+def _chunks(spec: TensorSpec, seed: int, ggml_type: int) -> Iterator[bytes]:
+    """The tensor's data, packed for ``ggml_type``, in pieces of at most CHUNK_ELEMS weights."""
+    for chunk in range(_n_chunks(spec)):
+        yield _chunk(spec, seed, ggml_type, chunk)
+
+
+def _pieces(
+    plan: list[TensorSpec], seed: int, quant: str, jobs: int
+) -> Iterator[tuple[TensorSpec, int, bytes]]:
+    """Every tensor's pieces in file order, as (spec, ggml type, bytes); made by ``jobs`` processes when
+    more than one, at most 2 x jobs pieces ahead of the writer (so memory stays at a few pieces each)."""
+    work = [(spec, _ggml_type(spec, quant), k) for spec in plan for k in range(_n_chunks(spec))]
+    if jobs <= 1:
+        for spec, ggml_type, k in work:
+            yield spec, ggml_type, _chunk(spec, seed, ggml_type, k)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        ahead: collections.deque = collections.deque()
+        todo = iter(work)
+        for spec, ggml_type, k in todo:
+            ahead.append((spec, ggml_type, pool.submit(_chunk, spec, seed, ggml_type, k)))
+            if len(ahead) >= 2 * jobs:
+                break
+        while ahead:
+            spec, ggml_type, future = ahead.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append((nxt[0], nxt[1], pool.submit(_chunk, nxt[0], seed, nxt[1], nxt[2])))
+            yield spec, ggml_type, future.result()
 
 
 # --- vocabulary -------------------------------------------------------------------------------------
@@ -623,8 +665,10 @@ def _write_gguf(
     progress: Callable[[str], None] | None,
     *,
     with_data: bool = True,
+    jobs: int = 1,
 ) -> int:
-    """Write the GGUF; without data, the file is the header and a hole of the data's size (sparse)."""
+    """Write the GGUF; without data, the file is the header and a hole of the data's size (sparse). ``jobs``
+    processes make the random data (the file is the same for any number)."""
     plan = tensor_plan(shape)
     w = _writer(path, shape, shape_name, quant, seed, plan)
     total = sum(_nbytes(s, _ggml_type(s, quant)) for s in plan)
@@ -641,19 +685,20 @@ def _write_gguf(
         w.close()
         return _total_params(shape)
     done, t0, last = 0, time.monotonic(), -1.0
-    for spec in plan:
-        ggml_type = _ggml_type(spec, quant)
-        n = 0
-        for data in _chunks(spec, seed, ggml_type):
-            fout.write(data)
-            n += len(data)
+    written: dict[str, int] = {}
+    for spec, ggml_type, data in _pieces(plan, seed, quant, jobs):
+        fout.write(data)
+        n = written[spec.name] = written.get(spec.name, 0) + len(data)
+        done += len(data)
+        if n < _nbytes(spec, ggml_type):
+            continue
         assert n == _nbytes(spec, ggml_type), spec.name
         w.write_padding(fout, n)
-        done += n
         now = time.monotonic() - t0
         if progress is not None and (now - last >= 2.0 or done == total):
             last = now
             progress(f"  {100 * done / total:5.1f}%  {done / 2**20:9.1f} MiB  {now:6.1f} s  {spec.name}")
+    assert len(written) == len(plan)
     w.close()
     return _total_params(shape)
 
@@ -682,12 +727,16 @@ def synth_model(
     layers: int | None = None,
     progress: Callable[[str], None] | None = None,
     shape: Shape | None = None,
+    jobs: int = 1,
 ) -> SynthResult:
     """Write a random-weight qwen3moe GGUF of ``SHAPES[shape_name]`` to ``out``; or of ``shape``, a shape of
-    one's own (e.g. a test's), named ``shape_name`` in the file."""
+    one's own (e.g. a test's), named ``shape_name`` in the file. ``jobs`` processes make the random data
+    (the file is byte for byte the same for any number)."""
     shape = resolve_shape(shape_name, layers) if shape is None else shape
     if quant not in QUANTS:
         raise SynthError(f"--quant {quant!r} is not supported: use one of {', '.join(QUANTS)}")
+    if jobs < 1:
+        raise SynthError(f"--jobs must be at least 1, got {jobs}")
     if not 0 <= seed < 2**32:
         raise SynthError(f"--seed must be an integer between 0 and {2**32 - 1}, got {seed}")
     out = Path(out)
@@ -709,14 +758,14 @@ def synth_model(
             try:
                 if progress:
                     progress(f"writing q8_0 source {tmp}")
-                n_params = _write_gguf(Path(tmp), shape, shape_name, "q8_0", seed, progress)
+                n_params = _write_gguf(Path(tmp), shape, shape_name, "q8_0", seed, progress, jobs=jobs)
                 if progress:
                     progress("requantizing to q4_k (Q4_K_M) with llama.cpp")
                 _requantize_q4_k(Path(tmp), partial)
             finally:
                 Path(tmp).unlink(missing_ok=True)
         else:
-            n_params = _write_gguf(partial, shape, shape_name, quant, seed, progress)
+            n_params = _write_gguf(partial, shape, shape_name, quant, seed, progress, jobs=jobs)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
@@ -745,14 +794,14 @@ def write_header_only(shape_name: str, quant: str, out: str | os.PathLike[str], 
     return out
 
 
-def main_synth(shape: str, quant: str, out: str, seed: int, layers: int | None) -> int:
+def main_synth(shape: str, quant: str, out: str, seed: int, layers: int | None, jobs: int = 1) -> int:
     """The ``synth-model`` command: writes the model and prints a one-line summary."""
 
     def say(msg: str) -> None:
         print(msg, flush=True)
 
     try:
-        r = synth_model(shape, quant, out, seed=seed, layers=layers, progress=say)
+        r = synth_model(shape, quant, out, seed=seed, layers=layers, progress=say, jobs=jobs)
     except SynthError as e:
         print(f"synth-model: error: {e}", file=sys.stderr)
         return 2

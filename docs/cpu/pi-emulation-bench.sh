@@ -49,7 +49,7 @@ build() {
 synth() {
   [ -e "$MODEL" ] && return 0
   local started=$SECONDS
-  $PYTHON -m inference synth-model --shape qwen3-30b-a3b --quant q4_0 --out "$MODEL" >"$RES/synth.log" 2>&1 ||
+  $PYTHON -m inference synth-model --shape qwen3-30b-a3b --quant q4_0 --out "$MODEL" --jobs "$(nproc)" >"$RES/synth.log" 2>&1 ||
     return 1
   log "model written in $((SECONDS - started)) s: $(tail -1 "$RES/synth.log")"
   started=$SECONDS

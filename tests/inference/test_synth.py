@@ -156,6 +156,15 @@ def test_same_seed_same_file_and_tokens(models, tmp_path):
     assert a != c
 
 
+def test_the_file_is_the_same_whatever_the_number_of_processes(tmp_path):
+    # one layer of the bench shape: its embedding, output and expert tensors span several pieces each, so
+    # pieces made out of order by several processes must still land in file order
+    serial = synth.synth_model("bench", "q4_0", tmp_path / "one.gguf", layers=1, jobs=1)
+    parallel = synth.synth_model("bench", "q4_0", tmp_path / "three.gguf", layers=1, jobs=3)
+    assert serial.n_bytes == parallel.n_bytes > 3 * 4 * synth.CHUNK_ELEMS // 8
+    assert _sha256(serial.path) == _sha256(parallel.path)
+
+
 def test_reduced_layers_share_the_full_models_tensors(models, tmp_path):
     import gguf
 
@@ -271,6 +280,7 @@ def test_cli_writes_the_model(tmp_path, capsys):
         (["--shape", "tiny", "--quant", "q8_0"], "--out"),
         (["--shape", "tiny", "--quant", "q8_0", "--out", "x.gguf", "--seed", "abc"], "argument --seed"),
         (["--shape", "tiny", "--quant", "q8_0", "--out", "x.gguf", "--layers", "0"], "argument --layers"),
+        (["--shape", "tiny", "--quant", "q8_0", "--out", "x.gguf", "--jobs", "0"], "argument --jobs"),
     ],
 )
 def test_cli_rejects_bad_arguments(capsys, args, message):
