@@ -17,7 +17,7 @@ LLAMA_CPP_PYTHON_BUILD := $(LLAMA_CPP_PYTHON_VERSION)+llmfleet.4
 LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
 WHEELHOUSE ?= $(HOME)/.cache/llmfleet/wheelhouse/llama-cpp-python-$(LLAMA_CPP_PYTHON_BUILD)-rpc
 APT_PACKAGES := python3 python3-venv python3-dev build-essential cmake git curl ca-certificates patch \
-	openssh-client iproute2 nftables systemd-container debootstrap rsync e2fsprogs
+	openssh-client iproute2 nftables systemd-container debootstrap rsync e2fsprogs prometheus
 
 LLAMA_SERVER_DIR ?= $(HOME)/.cache/llmfleet/llama-server-$(LLAMA_CPP_PYTHON_VERSION)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
