@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from inference import config as config_module
 from inference import worker as worker_module
@@ -98,24 +99,21 @@ def _seed(text: str) -> int:
     return value
 
 
-def _layers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: give e.g. --layers 2") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too small: give at least 1 layer")
-    return value
+def _at_least_one(flag: str, example: int, unit: str) -> Callable[[str], int]:
+    """An argparse type for a whole number of ``unit`` of at least 1, whose errors name ``flag``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an integer: give e.g. {flag} {example}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give at least 1 {unit}")
+        return value
 
-def _jobs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: give e.g. --jobs 4") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too small: give at least 1 process")
-    return value
+    return parse
 
 
 def _add_synth_model(sub: argparse._SubParsersAction) -> None:
@@ -138,13 +136,13 @@ def _add_synth_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="random seed of the weights (default 0)")
     p.add_argument(
         "--layers",
-        type=_layers,
+        type=_at_least_one("--layers", 2, "layer"),
         default=None,
         help="write only the first N layers of the shape (to try the writer on a large shape quickly)",
     )
     p.add_argument(
         "--jobs",
-        type=_jobs,
+        type=_at_least_one("--jobs", 4, "process"),
         default=1,
         help="processes making the random data (default 1); the file is the same for any number",
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from inference.netsim import Relay
 from inference.synth import SHAPES
 from inference.tokenizer import Tokenizer
@@ -28,6 +31,23 @@ def bytes_per_generated_token(
     return [(b - a) / EXTRA_TOKENS for a, b in zip(short, long, strict=True)]
 
 
+@contextlib.contextmanager
+def expert_split_over_relays(
+    model, tmp_path, procs, workers: int = 2
+) -> Iterator[tuple[Server, list[Relay]]]:
+    """A head serving ``model`` in the expert split over ``workers`` loopback workers, each behind a relay."""
+    relays = [Relay(("127.0.0.1", procs(Worker, tmp_path).port)).start() for _ in range(workers)]
+    try:
+        yield procs(
+            Server, tmp_path, model, "--rpc", ",".join(r.endpoint for r in relays), "--split", "experts",
+            "--ctx", "512", "--parallel", "1", "--worker-probe-interval", "3600", "--no-cache-prompt",
+            "--sharded-cache-dir", str(tmp_path / "sharded"),
+        ), relays  # fmt: skip
+    finally:
+        for relay in relays:
+            relay.stop()
+
+
 def test_layer_split_keeps_the_output_matrix_on_the_head(tiny_model, tmp_path, procs):
     # With the output matrix on the worker that holds the last layers, every generated token's logits
     # (n_vocab floats) come back over the link; on the head, only the last hidden state does.
@@ -51,18 +71,8 @@ def test_the_expert_split_sends_each_layers_graph_once(tiny_model, tmp_path, pro
     # Each worker runs one graph a layer (its slice of the experts), and the same graphs every token: the
     # workers keep them by uid (protocol 7.1), so a token sends each worker its inputs and a 13-byte
     # recompute a layer, not each layer's graph of serialized tensors (~4 KiB) again.
-    workers = [procs(Worker, tmp_path) for _ in range(2)]
-    relays = [Relay(("127.0.0.1", w.port)).start() for w in workers]
-    try:
-        server = procs(
-            Server, tmp_path, tiny_model, "--rpc", ",".join(r.endpoint for r in relays), "--split", "experts",
-            "--ctx", "512", "--parallel", "1", "--worker-probe-interval", "3600", "--no-cache-prompt",
-            "--sharded-cache-dir", str(tmp_path / "sharded"),
-        )  # fmt: skip
+    with expert_split_over_relays(tiny_model, tmp_path, procs) as (server, relays):
         sent = bytes_per_generated_token(server, relays, "to_worker", "Graphs kept by uid")
-    finally:
-        for relay in relays:
-            relay.stop()
     n_layer = SHAPES["tiny"].n_layer
     for per_token in sent:
         assert per_token < n_layer * 4096, (
@@ -76,19 +86,9 @@ def test_the_expert_split_fetches_one_partial_sum_a_layer_from_each_worker(tiny_
     # the sum over experts left to the head, each worker would send n_expert_used rows a layer, and a
     # second round trip for them.
     shape = SHAPES["tiny"]
-    workers = [procs(Worker, tmp_path) for _ in range(2)]
-    relays = [Relay(("127.0.0.1", w.port)).start() for w in workers]
-    try:
-        server = procs(
-            Server, tmp_path, tiny_model, "--rpc", ",".join(r.endpoint for r in relays), "--split", "experts",
-            "--ctx", "512", "--parallel", "1", "--worker-probe-interval", "3600", "--no-cache-prompt",
-            "--sharded-cache-dir", str(tmp_path / "sharded"),
-        )  # fmt: skip
+    with expert_split_over_relays(tiny_model, tmp_path, procs) as (server, relays):
         back = bytes_per_generated_token(server, relays, "to_head", "One partial a layer")
         trips = bytes_per_generated_token(server, relays, "round_trips", "One round trip a layer")
-    finally:
-        for relay in relays:
-            relay.stop()
     partial = shape.n_embd * 4  # one f32 row
     for per_token, turns in zip(back, trips, strict=True):
         print(f"{per_token:.0f} bytes and {turns:.2f} round trips a token from a worker")
