@@ -38,6 +38,7 @@ def _worker(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         allow_remote=args.allow_remote,
         cache_max_bytes=worker_module.parse_size(args.cache_max_size),
+        metrics_port=args.metrics_port,
     )
     worker_module.run(config)
     return 1
@@ -206,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote",
         action="store_true",
         help="allow a non-loopback --host; RPC has no authentication, so firewall the port to the head",
+    )
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve /health and Prometheus /metrics on this port of --host (default 0: none)",
     )
     w.set_defaults(func=_worker)
 

@@ -92,10 +92,19 @@ class WorkerConfig:
     cache_dir: str | None = None
     allow_remote: bool = False
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    metrics_port: int = 0  # 0: no /health and /metrics endpoint
 
     def validated(self) -> WorkerConfig:
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port {self.port} is not a TCP port; use 1-65535")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(
+                f"--metrics-port {self.metrics_port} is not a TCP port; use 1-65535, or 0 for none"
+            )
+        if self.metrics_port == self.port:
+            raise ConfigError(
+                f"--metrics-port {self.metrics_port} is the RPC port; give another, e.g. {self.port + 1}"
+            )
         if self.threads < 0:
             raise ConfigError(f"--threads {self.threads} is negative; use 0 for every usable core or a count")
         address = ipv4_address(self.host)
@@ -113,6 +122,10 @@ class WorkerConfig:
         problem = bind_problem(self.host, self.port)
         if problem:
             raise ConfigError(problem)
+        if self.metrics_port:
+            problem = bind_problem(self.host, self.metrics_port)
+            if problem:
+                raise ConfigError(problem.replace("--port", "--metrics-port"))
         threads = self.threads or usable_cpus()
         cache_dir = self.cache_dir
         if cache_dir:
@@ -315,6 +328,11 @@ def run(config: WorkerConfig) -> None:
             pruned.partial,
             config.cache_max_bytes / 2**20,
         )
+    if config.metrics_port:
+        from inference import worker_metrics
+
+        protocol = ".".join(str(v) for v in RPC_PROTOCOL)
+        worker_metrics.start(config.host, config.metrics_port, config.port, config.endpoint, protocol)
     threading.Thread(target=_announce_version, args=(config,), daemon=True).start()
     ggml.start_rpc_server(config.endpoint, config.cache_dir, config.threads, handles)
     raise RuntimeError(f"the RPC server on {config.endpoint} stopped")
