@@ -254,6 +254,10 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(tiny_model, tmp_path
             time.sleep(0.05)
         assert http("GET", server.url + "/health")[2]["slots"]["active"] == 0
         assert _metric(server, "llmfleet_completion_tokens_total") - before < body["max_tokens"]
+        # the KV gauges are the engine's last report, sent once it has released the sequence: a step later
+        # than the supervisor's own count above, so wait for it (a gauge left stale would fail here)
+        while _metric(server, "llmfleet_kv_cache_tokens") and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _metric(server, "llmfleet_kv_cache_tokens") == 0
         assert _metric(server, "llmfleet_kv_cache_usage_ratio") == 0
     finally:
