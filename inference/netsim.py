@@ -3,8 +3,9 @@
 It counts the bytes each way, the round trips (a turn of the conversation from head to worker and back) and
 the time the worker holds each turn (from the turn's first byte delivered to the worker until its answer's
 first byte comes back, without the emulated link: the worker's compute and handling of the request, plus any
-wait for the rest of the turn when the head sends a command and asks for its result later), and can hold traffic to a link's one-way delay and rate, e.g. a Raspberry Pi's gigabit Ethernet. It needs
-no privileges, unlike netem, and runs on loopback only.
+wait for the rest of the turn when the head sends a command and asks for its result later). It can hold
+traffic to a link's one-way delay and rate, e.g. a Raspberry Pi's gigabit Ethernet. It needs no privileges,
+unlike netem, and runs on loopback only.
 
 ``Relay`` runs in threads of the calling process; ``ProcessRelay`` runs the same relay in a process of its
 own, so that several relays (and the benchmark's clients) do not share one interpreter lock, which would

@@ -400,12 +400,6 @@ def _chunk(spec: TensorSpec, seed: int, ggml_type: int, chunk: int) -> bytes:
     return out.tobytes()
 
 
-def _chunks(spec: TensorSpec, seed: int, ggml_type: int) -> Iterator[bytes]:
-    """The tensor's data, packed for ``ggml_type``, in pieces of at most CHUNK_ELEMS weights."""
-    for chunk in range(_n_chunks(spec)):
-        yield _chunk(spec, seed, ggml_type, chunk)
-
-
 def _pieces(
     plan: list[TensorSpec], seed: int, quant: str, jobs: int
 ) -> Iterator[tuple[TensorSpec, int, bytes]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import struct
 import threading
@@ -25,6 +24,8 @@ from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, genera
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from inference.worker import process_tcp_sockets
 
 log = logging.getLogger("inference.worker")
 
@@ -54,38 +55,17 @@ def tcp_info(sock: socket.socket) -> TcpInfo:
     return TcpInfo(sent, received, idle_ms, rtt_us)
 
 
-def _socket_inodes() -> dict[int, int]:
-    """This process's socket descriptors: fd -> inode."""
+def rpc_connections(port: int) -> dict[str, TcpInfo]:
+    """The established connections to this process's ``port`` (the head's): peer "address:port" -> TCP_INFO."""
     found = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found[int(name)] = int(target[8:-1])
-    return found
-
-
-def rpc_connections(port: int) -> dict[int, tuple[str, TcpInfo]]:
-    """The established connections to this process's ``port`` (the head's): inode -> (peer, TCP_INFO)."""
-    found = {}
-    for fd, inode in _socket_inodes().items():
-        try:
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
+    for sock in process_tcp_sockets():
         with sock:
             try:
-                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-                    continue
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    continue
-                if sock.getsockname()[1] != port:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) or sock.getsockname()[1] != port:
                     continue
                 peer = sock.getpeername()
-                found[inode] = (f"{peer[0]}:{peer[1]}", tcp_info(sock))
-            except OSError:  # not a TCP socket, or not connected
+                found[f"{peer[0]}:{peer[1]}"] = tcp_info(sock)
+            except OSError:  # not connected
                 continue
     return found
 
@@ -94,11 +74,11 @@ class RpcTraffic:
     """Totals over every connection the RPC port has had, from samples of the open ones (a connection's last
     second before it closed may be missed)."""
 
-    def __init__(self, port: int, sample: Callable[[int], dict[int, tuple[str, TcpInfo]]] = rpc_connections):
+    def __init__(self, port: int, sample: Callable[[int], dict[str, TcpInfo]] = rpc_connections):
         self.port = port
         self._sample = sample
         self._lock = threading.Lock()
-        self._open: dict[int, tuple[str, TcpInfo]] = {}
+        self._open: dict[str, TcpInfo] = {}
         self._closed_sent = 0
         self._closed_received = 0
         self.connections = 0
@@ -106,24 +86,24 @@ class RpcTraffic:
     def update(self) -> None:
         now = self._sample(self.port)
         with self._lock:
-            for inode, (_, info) in self._open.items():
-                if inode not in now:
+            for peer, info in self._open.items():
+                if peer not in now:
                     self._closed_sent += info.bytes_sent
                     self._closed_received += info.bytes_received
-            self.connections += sum(1 for inode in now if inode not in self._open)
+            self.connections += sum(1 for peer in now if peer not in self._open)
             self._open = now
 
     def totals(self) -> tuple[int, int]:
         """Bytes sent and received over the RPC port since the worker started."""
         with self._lock:
-            sent = self._closed_sent + sum(info.bytes_sent for _, info in self._open.values())
-            received = self._closed_received + sum(info.bytes_received for _, info in self._open.values())
+            sent = self._closed_sent + sum(info.bytes_sent for info in self._open.values())
+            received = self._closed_received + sum(info.bytes_received for info in self._open.values())
         return sent, received
 
     def client(self) -> tuple[str, TcpInfo] | None:
         """The connected head, if any."""
         with self._lock:
-            return next(iter(self._open.values()), None)
+            return next(iter(self._open.items()), None)
 
 
 class _TrafficCollector(Collector):
