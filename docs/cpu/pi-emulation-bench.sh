@@ -12,14 +12,21 @@
 # (gguf, diskcache). Four workers of $WORKER_THREADS threads pinned to $PI_CPUS stand for the Pis, each behind
 # a relay that gives its link 940 Mbit/s and 0.15 ms one way (inference/netsim.py); the head runs on
 # $HEAD_CPUS with 4 threads. Work and results go to $W (default /tmp/w). $SPLITS, $REQUESTS and $PREFILL
-# (below) trim the run to fit a machine's time.
+# (below) trim the run to fit a machine's time. HEAD=gpu builds llama.cpp with CUDA (sm_$CUDA_ARCH, a build of
+# its own beside the CPU one) and gives the head the GPU, the workers staying on their pinned CPU cores; its
+# results are named *-gpu-head. REPACK=yes also measures llama.cpp's repacked Q4_0 CPU kernels (which RPC
+# workers do not use) with llama-bench on one Pi's cores, --repack 0 against 1.
 set -u
 CARRY=${CARRY:-$PWD/.gpu}
 SRC=${SRC:-$PWD}
 W=${W:-/tmp/w}
 RES=$W/out
 MODEL=${MODEL:-$W/qwen3-30b-a3b-q4_0.gguf}
+HEAD=${HEAD:-cpu}                 # cpu or gpu
+CUDA_ARCH=${CUDA_ARCH:-90}
+REPACK=${REPACK:-no}
 BUILD=$W/llama.cpp/build
+[ "$HEAD" = gpu ] && BUILD=$W/llama.cpp/build-cuda
 BIN=$BUILD/bin
 PI_CPUS=${PI_CPUS:-0-2:3-5:6-8:9-11}
 WORKER_THREADS=${WORKER_THREADS:-3}
@@ -32,17 +39,20 @@ PREFILL=${PREFILL:-yes}           # also the 512-token prefill run
 log() { echo "$(date +%T) $*" | tee -a "$RES/progress.log"; }
 
 build() {
-  [ -e "$BIN/libllama.so" ] && return 0
-  mkdir -p "$W" && tar xzf "$CARRY/llama.cpp-src.tar.gz" -C "$W"
+  local targets=(llama) cuda=()
+  [ "$REPACK" = yes ] && targets+=(llama-bench)
+  [ "$HEAD" = gpu ] && cuda=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH")
+  [ -e "$BIN/libllama.so" ] && { [ "$REPACK" != yes ] || [ -e "$BIN/llama-bench" ]; } && return 0
+  [ -d "$W/llama.cpp" ] || { mkdir -p "$W" && tar xzf "$CARRY/llama.cpp-src.tar.gz" -C "$W"; }
   local started=$SECONDS
   # The system compiler: a toolchain that links libstdc++ statically into every shared library (as some
   # machine images set up through CC/CXX) gives the Python process two libstdc++ copies, and llama.cpp then
   # crashes in its model loader. RDMA stays off, as on a Pi (the transport is auto-detected from libibverbs).
   CC=${BUILD_CC:-gcc} CXX=${BUILD_CXX:-g++} \
   cmake -S "$W/llama.cpp" -B "$BUILD" -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DCMAKE_BUILD_TYPE=Release >"$RES/build.log" 2>&1 || return 1
-  cmake --build "$BUILD" --target llama -j "$(nproc)" >>"$RES/build.log" 2>&1 || return 1
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF \
+    "${cuda[@]}" -DCMAKE_BUILD_TYPE=Release >"$RES/build.log" 2>&1 || return 1
+  cmake --build "$BUILD" --target "${targets[@]}" -j "$(nproc)" >>"$RES/build.log" 2>&1 || return 1
   log "build done in $((SECONDS - started)) s"
 }
 
@@ -71,10 +81,19 @@ bench() { # NAME SECONDS ARGS...
   rm -rf "$LLMFLEET_CACHE/bench-logs"
 }
 
+repack() { # llama-bench on one Pi's cores, llama.cpp's repacked CPU kernels off and on
+  local cpus=${PI_CPUS%%:*}
+  log "llama-bench --repack 0,1 on cores $cpus"
+  timeout 600 taskset -c "$cpus" "$BIN/llama-bench" -m "$MODEL" -t "$WORKER_THREADS" -p 0 -n 16 -r 2 -fa 1 \
+    --repack 0,1 -o md >"$RES/repack.md" 2>"$RES/repack.err"
+  log "llama-bench exited $?"
+}
+
 pipeline() {
   mkdir -p "$RES"
-  export PYTHONPATH=$SRC:/tmp/site PYTHONUNBUFFERED=1 LLMFLEET_CACHE=$W/cache CUDA_VISIBLE_DEVICES=
-  log "pipeline start"
+  export PYTHONPATH=$SRC:/tmp/site PYTHONUNBUFFERED=1 LLMFLEET_CACHE=$W/cache
+  [ "$HEAD" = gpu ] || export CUDA_VISIBLE_DEVICES=
+  log "pipeline start (head: $HEAD)"
   { lscpu; free -g; python3 --version; } >"$RES/machine.txt" 2>&1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$CARRY"/whl/*.whl
   tar xzf "$CARRY/llama_cpp-py.tar.gz" -C /tmp/site
@@ -87,17 +106,24 @@ pipeline() {
   # The reshard above filled the head's cache (~/.cache/llmfleet/sharded), so the experts run loads at once.
   local common=(--threads 4 --ctx 4096 --parallel 4 --flash-attn on --rpc-splits "$SPLITS" --rpc-workers 4
     --rpc-worker-threads "$WORKER_THREADS" --rpc-worker-cpus "$PI_CPUS" --rpc-worker-device cpu
-    --rpc-head-device cpu --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load)
+    --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load) suffix=
+  if [ "$HEAD" = gpu ]; then
+    common+=(--gpu-layers 999 --skip-local) suffix=-gpu-head
+  else
+    common+=(--rpc-head-device cpu)
+  fi
   # Decoding (short prompts, so the rates are not those of queued prefills), then a 512-token prefill.
-  bench pi-decode 1200 "${common[@]}" --clients 1,4 --requests "$REQUESTS" --max-tokens 64
-  [ "$PREFILL" = yes ] && bench pi-prefill 900 "${common[@]}" --clients 1 --requests 1 --max-tokens 4 --prompt-tokens 512
+  bench "pi-decode$suffix" 1200 "${common[@]}" --clients 1,4 --requests "$REQUESTS" --max-tokens 64
+  [ "$PREFILL" = yes ] &&
+    bench "pi-prefill$suffix" 900 "${common[@]}" --clients 1 --requests 1 --max-tokens 4 --prompt-tokens 512
+  [ "$REPACK" = yes ] && repack
   log "pipeline done"
 }
 
 collect() {
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/results.tar.gz" -C "$W" out 2>/dev/null
-  for f in progress.log pi-decode.md pi-decode.err pi-prefill.md pi-prefill.err reshard.log; do
+  for f in progress.log pi-{decode,prefill}{,-gpu-head}.{md,err} repack.md repack.err reshard.log; do
     [ -e "$RES/$f" ] && cp "$RES/$f" "$OUT/"
   done
 }
