@@ -34,7 +34,13 @@ system-packages:
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages:$$missing"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing || exit 1; \
+	  case " $$missing " in *" prometheus "*) \
+	    if [ -d /run/systemd/system ]; then \
+	      echo "Stopping the Prometheus server Debian's package started: here only its promtool is used"; \
+	      systemctl disable --now prometheus.service; \
+	    fi;; \
+	  esac; \
 	fi
 
 $(BIN)/python:

@@ -284,8 +284,14 @@ class Engine:
         buffer_types = [ggml.buffer_type(handle) for _, handle in self.rpc_handles]
         self._override_buffer_types(params, list(zip(patterns, buffer_types, strict=True)))
         local_gpus = self._local_gpus()
+        # The model's devices in this order, given explicitly: left to itself llama.cpp puts RPC devices before
+        # the local GPUs (llama_model_load_from_file_impl, "add RPC servers at the front"), and tensor_split
+        # follows that order, so shares meant for the GPUs would put the layers on the first worker.
+        handles = local_gpus + [handle for _, handle in self.rpc_handles]
+        self._devices = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)  # NULL-terminated
+        params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         if local_gpus:
-            # Layers go to the local GPUs alone: RPC devices (registered after them) get a zero share.
+            # Layers go to the local GPUs alone: the RPC devices, after them, get a zero share.
             shares = [1.0] * len(local_gpus) + [0.0] * len(self.rpc_handles)
             self._tensor_split = (ctypes.c_float * 128)(*shares)
             params.tensor_split = self._tensor_split
