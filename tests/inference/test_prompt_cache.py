@@ -84,9 +84,9 @@ def test_each_turn_reuses_the_conversation_so_far_and_says_the_same(servers):
 
 def test_interleaved_conversations_taking_each_other_s_slots_say_the_same(servers):
     # Three conversations over two sequences, their turns interleaved one request at a time, so that turns
-    # take each other's sequences, and never share a batch: requests
-    # decoded side by side may take other CPU kernels (batched matrix products), whose other summation order
-    # flips the tiny random model's near ties with or without reuse.
+    # take each other's sequences, and never share a batch: requests decoded side by side may take other CPU
+    # kernels (batched matrix products), whose other summation order flips the tiny random model's near ties
+    # with or without reuse.
     reuse, plain = servers
     openings = ["Answer briefly.", "Answer in detail.", "Answer like a pirate."]
     expected = {o: [m for m, _ in _conversation(plain, o, turns=3)] for o in openings}
@@ -104,3 +104,49 @@ def test_interleaved_conversations_taking_each_other_s_slots_say_the_same(server
         assert [m for m, _ in got[opening]] == expected[opening], opening
     # every later turn started from a kept prefix, its own or the system prompt another conversation shares
     assert all(u["prompt_tokens_details"]["cached_tokens"] > 0 for o in openings for _, u in got[o][1:])
+
+
+def _complete(server: Server, prompt: list[int], **extra) -> tuple[str, dict]:
+    body = {"prompt": prompt, "max_tokens": REPLY_TOKENS, "temperature": 0, "ignore_eos": True, **extra}
+    status, _, reply = http("POST", server.url + "/v1/completions", body)
+    assert status == 200, reply
+    return reply["choices"][0]["text"], reply["usage"]
+
+
+def test_a_prompt_equal_to_or_a_prefix_of_a_cached_one_recomputes_its_last_token(servers):
+    reuse, plain = servers
+    prompt = [(37 * i) % 900 + 50 for i in range(90)]
+    _complete(reuse, prompt)
+    for tokens, cached in ((prompt, len(prompt) - 1), (prompt[:60], 59), ([*prompt[:60], 7, 8, 9], 60)):
+        text, usage = _complete(reuse, tokens)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == cached
+        assert text == _complete(plain, tokens)[0]
+    # cache_prompt false computes the whole prompt, with the same text.
+    text, usage = _complete(reuse, prompt, cache_prompt=False)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert text == _complete(plain, prompt)[0]
+
+
+def test_a_streamed_reply_reports_its_cached_tokens_in_the_usage_chunk(servers):
+    reuse, _ = servers
+    prompt = [(53 * i) % 900 + 60 for i in range(40)]
+    _complete(reuse, prompt)
+    body = {
+        "prompt": [*prompt, 11, 12],
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    status, _, text = http("POST", reuse.url + "/v1/completions", body)
+    assert status == 200
+    usage = [line for line in text.splitlines() if '"usage"' in line][-1]
+    assert '"prompt_tokens_details":{"cached_tokens":40}' in usage
+
+
+def test_cache_prompt_must_be_a_boolean(servers):
+    reuse, _ = servers
+    status, _, reply = http("POST", reuse.url + "/v1/completions", {"prompt": "hi", "cache_prompt": "no"})
+    assert status == 400
+    assert reply["error"]["param"] == "cache_prompt"
+    assert "expected true or false" in reply["error"]["message"]
