@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from inference import config as config_module
 from inference.netsim import ProcessRelay, median_round_trip
 
 CACHE = pathlib.Path(os.environ.get("LLMFLEET_CACHE", pathlib.Path.home() / ".cache" / "llmfleet"))
@@ -275,8 +276,10 @@ def parse_cpu_sets(text: str | None, workers: int) -> list[str | None]:
     return sets
 
 
-def worker_command(port: int, threads: int, cpus: str | None) -> list[str]:
+def worker_command(port: int, threads: int, cpus: str | None, repack: bool = True) -> list[str]:
     cmd = [sys.executable, "-m", "inference", "worker", "--port", str(port), "--threads", str(threads)]
+    if not repack:
+        cmd.append("--no-repack")
     return ["taskset", "-c", cpus, *cmd] if cpus else cmd
 
 
@@ -357,7 +360,8 @@ def targets(args, model: pathlib.Path) -> list[tuple[str, Callable[[], Target]]]
     head_env = CPU_ONLY if args.rpc_head_device == "cpu" else None
     for split in args.rpc_splits:
         label = f"llmfleet rpc x{args.rpc_workers} {split}"
-        out.append((label, lambda s=split, n=label: ours(n, ["--split", s], head_env, "rpc")))
+        mode = split.partition("/")[0]
+        out.append((label, lambda s=mode, n=label: ours(n, ["--split", s], head_env, "rpc")))
     return out
 
 
@@ -398,7 +402,12 @@ def run(argv: list[str] | None = None) -> int:
         type=int,
         help="send prompts of exactly this many tokens, distinct for every request (default: short fixed prompts)",
     )
-    parser.add_argument("--rpc-splits", default="layer,tensor", help="comma list; empty for none")
+    parser.add_argument(
+        "--rpc-splits",
+        default="layer,tensor",
+        help="comma list of serve --split modes, each optionally with /no-repack (workers started with "
+        "--no-repack), e.g. experts,experts/no-repack; empty for none",
+    )
     parser.add_argument("--rpc-workers", type=int, default=2, help="loopback RPC workers for the rpc runs")
     parser.add_argument("--rpc-worker-threads", type=int, default=1)
     parser.add_argument(
@@ -450,6 +459,13 @@ def run(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.rpc_splits = [s for s in args.rpc_splits.split(",") if s]
+    for split in args.rpc_splits:
+        mode, _, variant = split.partition("/")
+        if mode not in config_module.SPLIT_MODES or variant not in ("", "no-repack"):
+            parser.error(
+                f"--rpc-splits {split!r}: give serve --split modes ({', '.join(config_module.SPLIT_MODES)}), each "
+                "optionally followed by /no-repack"
+            )
     clients = [int(c) for c in args.clients.split(",")]
     try:
         cpu_sets = parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers)
@@ -508,7 +524,9 @@ def run(argv: list[str] | None = None) -> int:
             worker_env = CPU_ONLY if args.rpc_worker_device == "cpu" else None
             for cpus in cpu_sets:
                 port = free_port()
-                worker_cmd = worker_command(port, args.rpc_worker_threads, cpus)
+                worker_cmd = worker_command(
+                    port, args.rpc_worker_threads, cpus, not name.endswith("/no-repack")
+                )
                 workers.append(start(Target(f"worker-{port}", worker_cmd, "", port, worker_env), log_dir))
                 if args.no_relay:
                     endpoints.append(f"127.0.0.1:{port}")

@@ -39,6 +39,7 @@ def _worker(args: argparse.Namespace) -> int:
         allow_remote=args.allow_remote,
         cache_max_bytes=worker_module.parse_size(args.cache_max_size),
         metrics_port=args.metrics_port,
+        repack=args.repack,
     )
     worker_module.run(config)
     return 1
@@ -213,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="serve /health and Prometheus /metrics on this port of --host (default 0: none)",
+    )
+    w.add_argument(
+        "--no-repack",
+        dest="repack",
+        action="store_false",
+        help="keep weights as the head sends them instead of repacking those the CPU backend has faster "
+        "matrix kernels for (llama.cpp's --no-repack; for heads that read weights back)",
     )
     w.set_defaults(func=_worker)
 

@@ -93,6 +93,9 @@ class WorkerConfig:
     allow_remote: bool = False
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     metrics_port: int = 0  # 0: no /health and /metrics endpoint
+    # Repack the weights the CPU backend has interleaved matrix kernels for (Q4_0, Q4_K, IQ4_NL, ... per CPU),
+    # as a local load does: inference/patches/llama.cpp/0005. Off: GGML_RPC_NO_REPACK=1 for the server.
+    repack: bool = True
 
     def validated(self) -> WorkerConfig:
         if not 0 < self.port < 65536:
@@ -308,12 +311,17 @@ def run(config: WorkerConfig) -> None:
     config = config.validated()
     handles = ggml.local_devices()
     names = ", ".join(ggml.describe(h).name for h in handles)
+    if config.repack:
+        os.environ.pop("GGML_RPC_NO_REPACK", None)
+    else:
+        os.environ["GGML_RPC_NO_REPACK"] = "1"
     log.info(
-        "serving %s on %s with %d threads, tensor cache %s",
+        "serving %s on %s with %d threads, tensor cache %s, weights %s",
         names,
         config.endpoint,
         config.threads,
         config.cache_dir or "off",
+        "repacked for the CPU kernels" if config.repack else "as sent (--no-repack)",
     )
     if config.cache_dir:
         pruned = prune_cache(config.cache_dir, config.cache_max_bytes)

@@ -171,3 +171,42 @@ def test_the_expert_split_of_qwen3s_depth_fits_llama_cpps_graph(tmp_path, procs)
     status, _, body = server.complete("Forty-eight layers", max_tokens=8)
     assert status == 200, body
     assert body["choices"][0]["text"] == reference["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(("split", "repack"), [("experts", True), ("experts", False), ("layer", True)])
+def test_workers_repack_the_weights_the_cpu_has_interleaved_kernels_for(split, repack, tmp_path, procs):
+    """A local load repacks Q4_0 weights for this CPU's interleaved matrix kernels (AVX2 here, NEON dot
+    products on a Pi); the workers do the same (patch 0005) unless started with --no-repack, in both split
+    modes, and either way compute what a local load of the same weights computes."""
+    import numpy
+
+    source = tmp_path / "tiny-q4_0.gguf"
+    synth_model("tiny", "q4_0", source, seed=11)
+    prompt = [5, 17, 300, 42, 7]
+    reference = reshard.ensure_sharded(source, 2, tmp_path / "sharded") if split == "experts" else source
+    expected, tokens = _run_apart(_config(reference, tmp_path), prompt, 16, None, tmp_path / "local")
+
+    class NoRepackWorker(Worker):
+        def _args(self):
+            return [*super()._args(), "--no-repack"]
+
+    nodes = [procs(Worker if repack else NoRepackWorker, tmp_path) for _ in range(2)]
+    config = _config(source, tmp_path, [w.endpoint for w in nodes], split)
+    got, _ = _run_apart(config, prompt, 16, tokens, tmp_path / "split")
+    finite = numpy.isfinite(expected)
+    difference = float(numpy.abs(got[finite] - expected[finite]).max())
+    assert difference < MAX_LOGIT_DIFFERENCE, f"max |delta logit| {difference} over 16 tokens"
+    for worker in nodes:
+        output = worker.output()
+        assert ("repacked for the CPU kernels" if repack else "as sent (--no-repack)") in output
+        repacked = [
+            line for line in output.splitlines() if "repacked for the CPU backend's matrix kernels" in line
+        ]
+        if not repack:
+            assert not repacked, repacked
+        elif split == "experts":
+            # 3 expert slices a layer (gate, up, down), every one Q4_0, over the tiny model's 4 layers.
+            assert repacked and repacked[-1].split("] ")[1].startswith("12 weights"), output[-2000:]
+        else:
+            # The worker's layers: their attention and expert matrices (the norms are F32).
+            assert repacked, output[-2000:]
