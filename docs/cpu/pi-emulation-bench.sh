@@ -14,8 +14,9 @@
 # $HEAD_CPUS with 4 threads. Work and results go to $W (default /tmp/w). $SPLITS, $REQUESTS and $PREFILL
 # (below) trim the run to fit a machine's time. HEAD=gpu builds llama.cpp with CUDA (sm_$CUDA_ARCH, a build of
 # its own beside the CPU one) and gives the head the GPU, the workers staying on their pinned CPU cores; its
-# results are named *-gpu-head. REPACK=yes also measures llama.cpp's repacked Q4_0 CPU kernels (which RPC
-# workers do not use) with llama-bench on one Pi's cores, --repack 0 against 1.
+# results are named *-gpu-head. REPACK=yes also measures llama.cpp's repacked Q4_0 CPU kernels with
+# llama-bench on one Pi's cores, --repack 0 against 1. A split in $SPLITS may end in /no-repack (workers
+# started with --no-repack), e.g. SPLITS=experts,experts/no-repack.
 set -u
 CARRY=${CARRY:-$PWD/.gpu}
 SRC=${SRC:-$PWD}
