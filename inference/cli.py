@@ -80,6 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
         keepalive_timeout=args.keepalive_timeout,
         max_connections=args.max_connections,
         reasoning_format=args.reasoning_format,
+        degrade_target_ms_per_token=args.degrade_target_ms_per_token,
+        degrade_window=args.degrade_window,
+        degrade_max_tokens=args.degrade_max_tokens,
     ).validated()
     asyncio.run(server.serve(config))
     return 0
@@ -337,6 +340,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a chat reply's <think> block goes: auto or deepseek move it to message.reasoning_content "
         "(delta.reasoning_content when streamed), none leaves it in the content; a request's "
         "reasoning_format overrides it (default auto)",
+    )
+    s.add_argument(
+        "--degrade-target-ms-per-token",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="step down when the mean time per output token over --degrade-window exceeds MS: first cap "
+        "max_tokens (--degrade-max-tokens), then reload with 3/4 and 1/2 of the experts per token; step back "
+        "up below 0.7 x MS (default 0: off; 80 is the Pi-cluster guide's alert)",
+    )
+    s.add_argument(
+        "--degrade-window",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a degradation level is measured before the next step (default 60)",
+    )
+    s.add_argument(
+        "--degrade-max-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="max_tokens cap of new requests from degradation level 1 on (default 256)",
     )
     s.set_defaults(func=_serve)
 

@@ -154,6 +154,10 @@ class ServeConfig:
     # A request starts from the longest prompt prefix that a free sequence's KV cache still holds (llama-server's
     # cache_prompt); finished sequences' cells are kept until their sequence id is taken again.
     cache_prompt: bool = True
+    # Automatic degradation (inference.degrade): 0 turns it off.
+    degrade_target_ms_per_token: float = 0.0
+    degrade_window: float = 60.0
+    degrade_max_tokens: int = 256
     api_key: str | None = field(default=None, repr=False)
 
     def validated(self) -> ServeConfig:
@@ -208,6 +212,19 @@ class ServeConfig:
         if self.max_connections < 1:
             raise ConfigError(
                 f"--max-connections {self.max_connections} must be at least 1 (default {DEFAULT_MAX_CONNECTIONS})"
+            )
+        if not 0 <= self.degrade_target_ms_per_token < math.inf:
+            raise ConfigError(
+                f"--degrade-target-ms-per-token {self.degrade_target_ms_per_token} must be a number of "
+                "milliseconds, e.g. 80, or 0 to turn automatic degradation off"
+            )
+        if not 0 < self.degrade_window < math.inf:
+            raise ConfigError(
+                f"--degrade-window {self.degrade_window} must be a positive number of seconds (default 60)"
+            )
+        if self.degrade_max_tokens < 1:
+            raise ConfigError(
+                f"--degrade-max-tokens {self.degrade_max_tokens} must be at least 1 (default 256)"
             )
         if self.queue_size < 0:
             raise ConfigError(f"--queue-size {self.queue_size} must be 0 or more")

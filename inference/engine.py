@@ -413,7 +413,26 @@ class Engine:
             "parallel": self.config.parallel,
             "cache_prompt": self.cache_prompt,
             "pid": os.getpid(),
+            # the GGUF's experts per token (None for a dense model) and the count served (--experts-used)
+            "model_experts_used": self._meta_int(
+                f"{self._meta_str('general.architecture')}.expert_used_count"
+            ),
+            "experts_used": self.config.experts_used,
         }
+
+    def _meta_str(self, key: str) -> str | None:
+        """The model's GGUF metadata value ``key`` as text, None where it has none."""
+        buf = ctypes.create_string_buffer(256)
+        if self.llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf)) < 0:
+            return None
+        return buf.value.decode(errors="replace")
+
+    def _meta_int(self, key: str) -> int | None:
+        value = self._meta_str(key)
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
 
     # -- sequences ----------------------------------------------------------------------------------------
     def submit(self, request_id: int, prompt: list[int], params: SamplingParams) -> str | None:

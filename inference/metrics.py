@@ -63,6 +63,11 @@ class Metrics:
         self.engine_state = Gauge(
             "llmfleet_engine_state", "1 for the engine's current state.", ["state"], registry=registry
         )
+        self.degradation_level = Gauge(
+            "llmfleet_degradation_level",
+            "Automatic degradation level: 0 as configured, 1 max_tokens capped, 2 and up fewer experts.",
+            registry=registry,
+        )
         self.engine_restarts = Counter(
             "llmfleet_engine_restarts",
             "Engine restarts after a lost RPC worker or a crash.",

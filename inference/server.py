@@ -51,6 +51,7 @@ SWEEPS_PER_HEADER_TIMEOUT = 4
 CORS_DEFAULT_HEADERS = "Authorization, Content-Type"
 CORS_MAX_AGE = 600
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+DEGRADATION_HEADER = "X-Llmfleet-Degradation-Level"
 METRICS = web.AppKey("metrics", Metrics)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 CONFIG = web.AppKey("config", ServeConfig)
@@ -171,7 +172,14 @@ async def _add_cors_headers(request: web.Request, response: web.StreamResponse) 
         response.headers.add("Vary", "Origin")
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+        response.headers["Access-Control-Expose-Headers"] = f"Retry-After, {DEGRADATION_HEADER}"
+
+
+async def _add_degradation_header(request: web.Request, response: web.StreamResponse) -> None:
+    """With automatic degradation on, every answer says the level it was served at (0: as configured)."""
+    ladder = request.app[SUPERVISOR].ladder
+    if ladder is not None:
+        response.headers[DEGRADATION_HEADER] = str(ladder.level)
 
 
 def _check_key(request: web.Request) -> None:
@@ -868,6 +876,7 @@ def build_app(config: ServeConfig, registry: CollectorRegistry | None = None) ->
     app[PREPARER] = _Preparer(config)
     app["started"] = time.time()
     app.on_response_prepare.append(_add_cors_headers)
+    app.on_response_prepare.append(_add_degradation_header)
     app.router.add_get("/v1/models", models)
     # A model id may hold slashes (--alias Qwen/Qwen3-30B-A3B).
     app.router.add_get("/v1/models/{model:.+}", model)

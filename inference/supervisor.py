@@ -17,9 +17,10 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from inference import degrade
 from inference import engine as engine_module
 from inference.config import ServeConfig, split_endpoint
 from inference.engine import SamplingParams
@@ -33,6 +34,10 @@ RECOVERY_INTERVAL = 1.0
 # An engine that fails before it is ready (a shard that does not fit, a bad model, a worker of another
 # build) would fail the same way again: wait twice as long after each such failure, up to this.
 MAX_RESTART_BACKOFF = 60.0
+# A degradation step that reloads the model waits this long for the running sequences (capped at the
+# level's max_tokens by then) before it stops the engine, failing what still runs; queued requests wait.
+RELOAD_DRAIN_WAIT = 120.0
+RELOAD_DRAIN_LEASE = 900.0
 
 
 class Unavailable(Exception):
@@ -104,6 +109,18 @@ class Supervisor:
         self._engine_was_ready = False
         self._failed_starts = 0  # engines in a row that exited before they were ready
         self.ready = asyncio.Event()
+        # The engine's own settings: the configured ones, with fewer experts at a degradation level.
+        self.engine_config = config
+        self.ladder: degrade.Ladder | None = None
+        if config.degrade_target_ms_per_token > 0:
+            self.ladder = degrade.Ladder(
+                config.degrade_target_ms_per_token,
+                config.degrade_window,
+                degrade.levels(config.degrade_max_tokens, None, config.experts_used),
+            )
+        self._resume_when_ready = False
+        self._reloading = False
+        metrics.degradation_level.set(0)
         # Drained: no new sequence enters the engine; requests wait in the queue, even through an engine restart
         # (a worker restarted on purpose), until resume() or the lease ends.
         self.draining = False
@@ -125,6 +142,8 @@ class Supervisor:
         else:
             self._enter_degraded("waiting for RPC workers: " + ", ".join(self._down()))
         self._background(self._watch_workers())
+        if self.ladder is not None:
+            self._background(self._watch_speed())
 
     async def close(self) -> None:
         self._closing = True
@@ -151,7 +170,9 @@ class Supervisor:
         os.environ.setdefault("GGML_NO_BACKTRACE", "1")
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=engine_module.run, args=(self.config, child), name="llmfleet-engine")
+        process = ctx.Process(
+            target=engine_module.run, args=(self.engine_config, child), name="llmfleet-engine"
+        )
         process.daemon = True
         process.start()
         child.close()
@@ -242,6 +263,16 @@ class Supervisor:
                 self.metrics.worker_up.labels(worker.endpoint).set(1)
             self._set_state("ok", "serving")
             log.info("engine ready: %s", self.engine_info)
+            if self.ladder is not None and self.ladder.level <= 1:
+                # The expert levels follow the model's own count, known once it is loaded.
+                self.ladder.rungs = degrade.levels(
+                    self.config.degrade_max_tokens,
+                    self.engine_info.get("model_experts_used"),
+                    self.config.experts_used,
+                )
+            if self._resume_when_ready:
+                self._resume_when_ready = False
+                self.resume()
             self._dispatch()
         elif kind == "fatal":
             self._fatal = message[1]
@@ -253,6 +284,8 @@ class Supervisor:
             self.metrics.time_to_first_token.observe(now - request.created)
         else:
             self.metrics.time_per_output_token.observe(now - request.last_token_at)
+            if self.ladder is not None:
+                self.ladder.observe(now, now - request.last_token_at)
         request.last_token_at = now
         request.generated += 1
         self.metrics.completion_tokens.inc()
@@ -270,6 +303,9 @@ class Supervisor:
             raise Unavailable(self.detail)
         if len(self.active) >= self.config.parallel and len(self.waiting) >= self.config.queue_size:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        cap = self.ladder.current.max_tokens if self.ladder is not None else None
+        if cap is not None and params.max_tokens > cap:
+            params = replace(params, max_tokens=cap)
         request = Request(prompt=prompt, params=params, output=output, id=next(self._ids))
         self.metrics.prompt_tokens.inc(len(prompt))
         self.waiting.append(request)
@@ -337,6 +373,79 @@ class Supervisor:
         self._drain_lease = None
         log.warning("the drain lease ended without a resume; admitting requests again")
         self.resume()
+
+    # -- automatic degradation ----------------------------------------------------------------------------
+    async def _watch_speed(self) -> None:
+        """Every quarter window (at most 5 s), let the ladder judge the time per output token."""
+        interval = min(5.0, self.ladder.window_s / 4)
+        while not self._closing:
+            await asyncio.sleep(interval)
+            if self.state != "ok" or self.draining or self._reloading:
+                continue
+            before = self.ladder.current
+            level = self.ladder.decide(time.monotonic())
+            if level is None:
+                continue
+            log.warning(
+                "degradation level %d -> %d (%s): %s",
+                before.index,
+                level.index,
+                level.describe(),
+                self.ladder.reason,
+            )
+            self.metrics.degradation_level.set(level.index)
+            if level.experts_used != self.engine_config.experts_used:
+                self._reloading = True
+                self._background(self._reload(replace(self.config, experts_used=level.experts_used)))
+
+    async def _reload(self, config: ServeConfig) -> None:
+        """Restart the engine with ``config``: drain (queued requests wait, running ones finish), stop the
+        engine, start the new one, resume once it is ready. RPC workers keep the weights' tensor cache, so a
+        reload sends hashes instead of the weights where the workers run with --cache-dir."""
+        try:
+            drained = await self.drain(RELOAD_DRAIN_LEASE, RELOAD_DRAIN_WAIT)
+            if self._closing:
+                return
+            log.info(
+                "reloading the engine with %s experts per token%s",
+                config.experts_used or "the model's",
+                "" if drained else f"; {len(self.active)} sequences still running are failed",
+            )
+            # The old engine's exit is not a loss: stop reading it first.
+            if self._conn is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    self._loop.remove_reader(self._conn.fileno())
+            self._send(("stop",))
+            if self._process is not None:
+                await asyncio.to_thread(self._process.join, 30.0)
+            self._reap(timeout=5.0)
+            self.kv_tokens = 0
+            reason = "the engine reloaded for a degradation step before this request finished"
+            for request in list(self.active.values()):
+                request.finished = True
+                with contextlib.suppress(Exception):
+                    request.output.fail(reason)
+            self.active.clear()
+            self.engine_config = config
+            self._resume_when_ready = True
+            self._spawn()
+        finally:
+            self._reloading = False
+
+    def degradation(self) -> dict | None:
+        """The ladder's state for /health: None when automatic degradation is off."""
+        if self.ladder is None:
+            return None
+        level = self.ladder.current
+        return {
+            "level": level.index,
+            "levels": len(self.ladder.rungs),
+            "max_tokens": level.max_tokens,
+            "experts_used": level.experts_used,
+            "target_ms_per_token": self.ladder.target_ms,
+            "window_s": self.ladder.window_s,
+            "reason": self.ladder.reason,
+        }
 
     # -- worker loss and recovery -------------------------------------------------------------------------
     def _engine_lost(self) -> None:
@@ -489,6 +598,7 @@ class Supervisor:
                 "waiting": len(self.waiting),
             },
             "engine": self.engine_info if self.state == "ok" else {},
+            "degradation": self.degradation(),
         }
 
 

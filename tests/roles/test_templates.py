@@ -78,6 +78,14 @@ def test_arguments_with_specifiers_or_spaces_reach_the_head_whole(rendered):
     assert " --no-cache-prompt " in exec_start  # gpu1, with the default, has none (see above)
 
 
+def test_repacking_and_automatic_degradation_options_reach_the_units(rendered):
+    # The defaults (pi1, gpu1 above) repack and leave degradation off, so neither unit names them.
+    worker = directives(rendered / "pi1-tuned" / "llmfleet-rpc-worker.service")["ExecStart"][0]
+    assert worker.endswith(" --no-repack")
+    head = directives(rendered / "gpu1-tuned" / "llmfleet-head.service")["ExecStart"][0]
+    assert " --degrade-target-ms-per-token 12.5 --degrade-window 30 --degrade-max-tokens 256 " in head
+
+
 UNITS = [
     (host, unit)
     for host, unit in [("pi1", "llmfleet-rpc-worker.service"), ("gpu1", "llmfleet-head.service")]
@@ -157,6 +165,10 @@ def test_example_inventory_passes_the_checks_and_renders(tmp_path):
     workers = ",".join(f"10.0.0.1{i}:50052" for i in range(1, 5))
     assert f"--rpc {workers}" in head["ExecStart"][0]
     assert "--alias qwen3-30b-a3b" in head["ExecStart"][0]
+    assert (
+        "--degrade-target-ms-per-token 80 --degrade-window 60 --degrade-max-tokens 256 "
+        in head["ExecStart"][0]
+    )
     assert "LLAMA_CPP_LIB_PATH=/opt/llama.cpp-cuda/lib" in head["Environment"]
     assert directives(out / "pi3" / "llmfleet-rpc-worker.service")["MemoryMax"] == ["7G"]
     ruleset = (out / "pi3" / "llmfleet.nft").read_text()
