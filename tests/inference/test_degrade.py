@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from inference.degrade import Ladder, Level, levels
-from tests.inference.conftest import Server, http, wait_for
+from tests.inference.conftest import Server, Worker, http, wait_for
 
 
 def test_the_ladder_caps_max_tokens_then_takes_three_quarters_and_half_of_the_experts():
@@ -158,3 +158,61 @@ def test_degradation_is_off_by_default_and_its_options_are_checked(tiny_model, t
         with pytest.raises(ConfigError, match=named):
             ServeConfig(model=str(tiny_model), **{field: value}).validated()
     assert Level(1, 5, None).describe() == "max_tokens capped at 5"
+
+
+def test_a_slow_link_steps_the_head_down_and_a_fast_one_back_up(tiny_model, tmp_path, procs):
+    """The injected slowdown is real: a worker's link delayed 25 ms each way makes every token wait a round
+    trip (well over the 50 ms target); once the delay is gone a token takes a few ms, under 0.7 x 50."""
+    from inference.netsim import ProcessRelay
+
+    worker = procs(Worker, tmp_path)
+    relay = ProcessRelay(("127.0.0.1", worker.port)).start()
+    try:
+        server = procs(
+            Server,
+            tmp_path,
+            tiny_model,
+            "--rpc",
+            relay.endpoint,
+            "--degrade-target-ms-per-token",
+            "50",
+            "--degrade-window",
+            "1",
+            "--degrade-max-tokens",
+            "8",
+        )
+        stop = threading.Event()
+        failures = []
+
+        def client():
+            while not stop.is_set():
+                status, _, answer = server.complete("Steady", max_tokens=32, ignore_eos=True)
+                if status != 200:
+                    failures.append((status, answer))
+
+        def level(wanted, experts):
+            health = server.health() or {}
+            degradation = health.get("degradation") or {}
+            return (
+                health.get("status") == "ok"
+                and degradation.get("level") == wanted
+                and health["engine"].get("experts_used") == experts
+            )
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        try:
+            relay.set_link(delay_ms=25)
+            wait_for(lambda: level(2, 1), 90, "the step down to 1 expert per token")
+            relay.set_link(delay_ms=0)
+            wait_for(lambda: level(0, None), 90, "the steps back up to the model's 2 experts")
+        finally:
+            stop.set()
+            thread.join(60)
+        assert all("degradation step" in str(answer) for _, answer in failures), failures
+        output = server.output()
+        for step in ("0 -> 1", "1 -> 2", "2 -> 1", "1 -> 0"):
+            assert f"degradation level {step} " in output, output[-3000:]
+        assert "below 0.7 x the target 50 ms" in output
+    finally:
+        relay.stop()
