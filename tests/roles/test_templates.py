@@ -128,6 +128,15 @@ def test_worker_ruleset_lets_the_head_alone_reach_rpc(rendered):
     assert "policy accept;" in text and "8080" not in text
     assert "dport 50060" in (rendered / "pi2" / "llmfleet.nft").read_text()
     assert not re.search(r"dport 22\b", text)
+    assert "metrics_clients" not in text  # no worker metrics port by default: nothing to guard
+
+
+def test_a_worker_metrics_port_is_open_to_the_metrics_clients_alone(rendered):
+    text = (rendered / "pi1-tuned" / "llmfleet.nft").read_text()
+    assert "tcp dport 50053 ip saddr @metrics_clients_v4 accept" in text
+    assert 'tcp dport 50053 counter drop comment "metrics_clients: anyone else"' in text
+    metrics_set = text[text.index("set metrics_clients_v4") :]
+    assert metrics_set[: metrics_set.index("}") + 1].count("10.0.0.21") == 1
 
 
 def test_head_ruleset_guards_api_and_metrics(rendered):

@@ -88,3 +88,18 @@ def test_the_scrape_targets_are_the_inventorys_hosts(defaults):
     assert node == {name: [f"{ip}:9100"] for name, ip in address.items()}
     head = {c["labels"]["host"]: c["targets"] for c in jobs["llmfleet_head"]}
     assert head == {"gpu1": [f"{address['gpu1']}:9180"]}
+    # No worker in the local inventory serves metrics of its own: no worker job.
+    assert "llmfleet_worker" not in jobs
+
+
+def test_workers_with_a_metrics_port_are_scraped(tmp_path):
+    rendered = render(tmp_path / "workers", rpc_worker_metrics_port=50053)
+    config = promtool("check", "config", "prometheus.yml", cwd=rendered)
+    assert config.returncode == 0, config.stdout + config.stderr
+    jobs = {
+        job["job_name"]: job["static_configs"]
+        for job in yaml.safe_load((rendered / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    workers = {c["labels"]["host"]: c["targets"] for c in jobs["llmfleet_worker"]}
+    hosts = yaml.safe_load(INVENTORY.read_text())["all"]["children"]["rpc_workers"]["hosts"]
+    assert workers == {name: [f"{spec['ansible_host']}:50053"] for name, spec in hosts.items()}
