@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -77,6 +78,30 @@ def test_the_window_forgets_old_gaps():
     assert ladder.mean_ms(now + 60) is None
 
 
+@contextlib.contextmanager
+def busy(server: Server, prompt: str, max_tokens: int, clients: int = 1):
+    """``clients`` threads sending completions back to back until the block ends; yields the list that
+    collects every answer other than 200, as (status, body)."""
+    stop = threading.Event()
+    failures: list = []
+
+    def client():
+        while not stop.is_set():
+            status, _, answer = server.complete(prompt, max_tokens=max_tokens, ignore_eos=True)
+            if status != 200:
+                failures.append((status, answer))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield failures
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+
 def test_the_service_steps_down_caps_max_tokens_and_reloads_with_fewer_experts(tiny_model, tmp_path, procs):
     # A target no real model meets: every window is too slow, so the head goes down the whole ladder.
     server = procs(
@@ -99,19 +124,7 @@ def test_the_service_steps_down_caps_max_tokens_and_reloads_with_fewer_experts(t
     assert status == 200 and body["usage"]["completion_tokens"] == 40
     assert headers["X-Llmfleet-Degradation-Level"] == "0"
 
-    stop = threading.Event()
-    failures = []
-
-    def client():
-        while not stop.is_set():
-            status, _, answer = server.complete("Keep it busy", max_tokens=40, ignore_eos=True)
-            if status != 200:
-                failures.append((status, answer))
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
+    with busy(server, "Keep it busy", 40, clients=2) as failures:
         wait_for(lambda: (server.health() or {}).get("degradation", {}).get("level") == 1, 30, "level 1")
         status, headers, body = server.complete("Capped", max_tokens=40, ignore_eos=True)
         assert status == 200 and body["usage"]["completion_tokens"] == 5
@@ -127,10 +140,6 @@ def test_the_service_steps_down_caps_max_tokens_and_reloads_with_fewer_experts(t
         )
         assert final["degradation"]["level"] == 2 and final["degradation"]["experts_used"] == 1
         assert "above the target 0.001 ms" in final["degradation"]["reason"]
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
     # Requests running when the reload stopped the engine may fail with the reason; none other.
     assert all("degradation step" in str(answer) for _, answer in failures), failures
     status, _, metrics = http("GET", server.url + "/metrics")
@@ -181,14 +190,6 @@ def test_a_slow_link_steps_the_head_down_and_a_fast_one_back_up(tiny_model, tmp_
             "--degrade-max-tokens",
             "8",
         )
-        stop = threading.Event()
-        failures = []
-
-        def client():
-            while not stop.is_set():
-                status, _, answer = server.complete("Steady", max_tokens=32, ignore_eos=True)
-                if status != 200:
-                    failures.append((status, answer))
 
         def level(wanted, experts):
             health = server.health() or {}
@@ -199,16 +200,11 @@ def test_a_slow_link_steps_the_head_down_and_a_fast_one_back_up(tiny_model, tmp_
                 and health["engine"].get("experts_used") == experts
             )
 
-        thread = threading.Thread(target=client, daemon=True)
-        thread.start()
-        try:
+        with busy(server, "Steady", 32) as failures:
             relay.set_link(delay_ms=25)
             wait_for(lambda: level(2, 1), 90, "the step down to 1 expert per token")
             relay.set_link(delay_ms=0)
             wait_for(lambda: level(0, None), 90, "the steps back up to the model's 2 experts")
-        finally:
-            stop.set()
-            thread.join(60)
         assert all("degradation step" in str(answer) for _, answer in failures), failures
         output = server.output()
         for step in ("0 -> 1", "1 -> 2", "2 -> 1", "1 -> 0"):
