@@ -21,7 +21,7 @@ BUILD=$W/llama.cpp/build
 BIN=${BIN:-$BUILD/bin}          # a llama.cpp build of one's own: its build and the model's are skipped
 PI_CPUS=${PI_CPUS:-0-3:4-7:8-11:12-15}
 PYTHON=${PYTHON:-python3}
-STAGES=${STAGES-membw gpu-local gpu-rpc pi-emulation engine-profile gpu-rpc-relay gpu-local-t4}
+STAGES=${STAGES-membw gpu-local gpu-rpc pi-emulation engine-profile gpu-rpc-relay gpu-local-t4 multi-turn}
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -61,7 +61,8 @@ build() {
 synth() {
   [ -e "$MODEL" ] && return 0
   local started=$SECONDS
-  $PYTHON -m inference synth-model --shape qwen3-30b-a3b --quant q4_0 --out "$MODEL" >"$RES/synth.log" 2>&1 ||
+  $PYTHON -m inference synth-model --shape qwen3-30b-a3b --quant q4_0 --out "$MODEL" --jobs "$(nproc)" \
+    >"$RES/synth.log" 2>&1 ||
     return 1
   log "model written in $((SECONDS - started)) s: $(tail -1 "$RES/synth.log")"
 }
@@ -139,13 +140,18 @@ pipeline() {
   want gpu-local-t4 && bench gpu-local-t4 200 --llama-server "$BIN/llama-server" --threads 4 --ctx 32768 \
     --parallel 16 --flash-attn on --gpu-layers 999 --kv-unified --clients 1,4 --requests 2 \
     --max-tokens 256 --prompt-tokens 512 --rpc-splits ''
+
+  # 4. Prompt reuse across the turns of a chat against llama-server's prompt cache, all on the GPU: the
+  #    2-core machine's command with the model on the GPU.
+  want multi-turn && bench multi-turn 420 --llama-server "$BIN/llama-server" --multi-turn 6 --ctx 4096 \
+    --parallel 2 --rounds 5 --threads 16 --flash-attn on --gpu-layers 999
   log "pipeline done"
 }
 
 collect() { # at most 8 files: everything in one archive, and the main tables beside it
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/results.tar.gz" -C "$W" out 2>/dev/null
-  for f in progress.log gpu-local.md engine-profile.md pi-emulation.md gpu-rpc.md membw.md; do
+  for f in progress.log gpu-local.md engine-profile.md pi-emulation.md gpu-rpc.md membw.md multi-turn.md multi-turn.err; do
     [ -e "$RES/$f" ] && cp "$RES/$f" "$OUT/"
   done
 }
