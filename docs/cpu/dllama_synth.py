@@ -28,31 +28,37 @@ Model file
     nibbles are values 0-15 and high nibbles values 16-31, each value (nibble - 8) * d.
 
 Weights
-    Q40 nibbles are uniform random; each block's scale is ``gain / (4.61 * sqrt(fan_in))`` (4.61: the standard
-    deviation of a uniform integer in [-8, 7]) times a uniform factor in [0.75, 1.25], so weights have a
-    standard deviation of about ``1 / sqrt(fan_in)``. The embedding and the router are normal F32 (standard
-    deviation 1 and 1 / sqrt(dim)); norm weights are 1. Each chunk of each tensor has its own random stream
-    (from ``--seed``, the tensor's index and the chunk's index), so the file does not depend on ``--jobs``.
-    The chunks are generated in ``--jobs`` processes that write them in place (``pwrite``) into a file
-    sized up front; it is written under a temporary name and renamed when complete. The values only keep
-    activations finite: distributed-llama's speed does not depend on them (greedy sampling, dense kernels).
+    Scaled as in this project's GGUF synthesizer (inference/synth.py), so that activations stay at unit
+    scale: Q40 nibbles are uniform random, and each block's scale is ``gain / (4.61 * sqrt(fan_in))`` (4.61:
+    the standard deviation of a uniform integer in [-8, 7]) times a uniform factor in [0.75, 1.25] and a
+    random sign (which cancels the nibbles' mean of -0.5 across blocks), so weights have a standard
+    deviation of ``gain / sqrt(fan_in)``; ``gain`` is 1, but ``LOGIT_STD`` (6) for the output matrix, so
+    that greedy decoding does not sit on near-ties. The embedding and the router are normal F32 (standard
+    deviation 1 and ``ROUTER_STD / sqrt(dim)``, 2 / sqrt(dim)); norm weights are 1. With these scales greedy
+    decoding wanders over the vocabulary (on a 2-layer cut of ``qwen3-30b-a3b``, 16 tokens all different;
+    with positive scales only and gain 1 for the output it repeated one token). Apart from which experts
+    and tokens come out, distributed-llama's speed does not depend on the values (dense kernels). Each
+    chunk of each tensor has its own random stream (from ``--seed``, the tensor's index and the chunk's
+    index), so the file does not depend on ``--jobs``. The chunks are generated in ``--jobs`` processes that
+    write them in place (``pwrite``) into a file sized up front, under a temporary name renamed when
+    complete.
 
 Tokenizer file
     int32 magic 0x567124, int32 header size, (key, value) int32 pairs: version 1, vocab_size,
     max_token_length, bos_id, chat_template (its length), n_eos_tokens, add_bos 1; then the chat template
-    bytes, the eos ids (int32 each), and per token a float32 score, a uint32 length and the bytes.
-    Tokens: the 95 printable ASCII characters and the newline (score 0), then unused ``[n]`` fillers (score
-    -n) up to ``bos_id``, then special tokens from ``bos_id`` to the end of the vocabulary (distributed-llama
-    treats every id from ``bos_id`` on as special): ``<|endoftext|>`` (bos), ``<|im_start|>``,
-    ``<|im_end|>`` (eos) and ``<|extra_n|>`` fillers. For ``qwen3-30b-a3b`` they sit at Qwen3's ids
-    (151643 on) and the vocabulary has all 151936 rows, so sampling scans every logit as with the real
-    model. No pair of tokens concatenates to another token, so an ASCII prompt of n characters encodes to
-    n + 1 tokens (the bos, then one per character). The chat template is a short ChatML text, enough for
-    ``dllama chat`` to pick its ChatML formatting.
+    bytes, the eos ids (int32 each), and per token a float32 score, a uint32 length and the bytes. Tokens: the
+    95 printable ASCII characters and the newline (score 0), then unused ``[n]`` fillers (score -n) up to
+    ``bos_id``, then special tokens from ``bos_id`` to the end of the vocabulary (distributed-llama treats
+    every id from ``bos_id`` on as special): ``<|endoftext|>`` (bos), ``<|im_start|>``, ``<|im_end|>`` (eos)
+    and ``<|extra_n|>`` fillers. For ``qwen3-30b-a3b`` they sit at Qwen3's ids (151643 on) and the vocabulary
+    has all 151936 rows (the sampler scans as many logits as the tokenizer has tokens; a tokenizer converted
+    from Qwen3's own has 151669, its regular and added tokens). No pair of tokens concatenates to another
+    token, so an ASCII prompt of n characters encodes to n + 1 tokens (the bos, then one per character). The
+    chat template is a short ChatML text, enough for ``dllama chat`` to pick its ChatML formatting.
 
-Sizes: ``qwen3-30b-a3b`` is 17.7 GB (30.5 B weights: 29.0 B of experts, Q40 at 4.5 bits, plus the F32
-embedding, 1.2 GB); ``tiny`` (2 layers, 8 experts, dim 256) is 3.6 MB, for smoke tests. ``--layers`` cuts a
-shape's layer count (full-width tensors, e.g. to time the writer).
+Sizes: ``qwen3-30b-a3b`` is 18.29 GB (17.03 GiB: 30.5 B weights, 29.0 B of them in experts, Q40 at 4.5 bits,
+plus the F32 embedding, 1.24 GB); ``tiny`` (2 layers, 8 experts, dim 256) is 5.9 MB, for smoke tests.
+``--layers`` cuts a shape's layer count (full-width tensors, e.g. to time the writer).
 """
 
 from __future__ import annotations
@@ -83,6 +89,9 @@ Q40_BYTES = 18  # fp16 scale + 16 bytes of nibbles
 INT4_STD = math.sqrt((16**2 - 1) / 12)  # standard deviation of a uniform integer in [-8, 7]
 
 CHUNK_BYTES = 32 << 20  # one task's share of a tensor
+
+LOGIT_STD = 6.0  # of the logits, for a unit-RMS final hidden state (as inference/synth.py)
+ROUTER_STD = 2.0  # of the router logits (as inference/synth.py)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -146,10 +155,10 @@ SHAPES = {
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     name: str
-    kind: str  # "q40", "normal" (F32, standard deviation `std`) or "ones" (F32)
+    kind: str  # "q40" (standard deviation gain / sqrt(cols)), "normal" (F32, standard deviation gain), "ones"
     rows: int
     cols: int
-    std: float = 1.0
+    gain: float = 1.0
 
     @property
     def nbytes(self) -> int:
@@ -198,7 +207,7 @@ def tensors(shape: Shape) -> list[Tensor]:
             Tensor(p + "k", "q40", kv_dim, s.dim),
             Tensor(p + "v", "q40", kv_dim, s.dim),
             Tensor(p + "o", "q40", s.dim, q_dim),
-            Tensor(p + "router", "normal", s.n_experts, s.dim, std=1 / math.sqrt(s.dim)),
+            Tensor(p + "router", "normal", s.n_experts, s.dim, gain=ROUTER_STD / math.sqrt(s.dim)),
         ]
         for e in range(s.n_experts):
             out += [
@@ -212,7 +221,10 @@ def tensors(shape: Shape) -> list[Tensor]:
             Tensor(p + "attn_norm", "ones", 1, s.dim),
             Tensor(p + "ffn_norm", "ones", 1, s.dim),
         ]
-    out += [Tensor("final_norm", "ones", 1, s.dim), Tensor("output", "q40", s.vocab_size, s.dim)]
+    out += [
+        Tensor("final_norm", "ones", 1, s.dim),
+        Tensor("output", "q40", s.vocab_size, s.dim, gain=LOGIT_STD),
+    ]
     return out
 
 
@@ -225,14 +237,15 @@ def check_shape(shape: Shape) -> None:
 
 
 def plan(shape: Shape, seed: int) -> tuple[list[tuple], int]:
-    """The write tasks (offset, kind, count, std or scale, seed words) and the file's total size."""
+    """The write tasks (offset, kind, count, Q40 step or F32 standard deviation, seed words) and the file's
+    total size."""
     tasks = []
     offset = len(header_bytes(shape))
     for index, t in enumerate(tensors(shape)):
         if t.kind == "q40":
             blocks = t.rows * t.cols // Q40_BLOCK
             per_chunk = CHUNK_BYTES // Q40_BYTES
-            step = 1.0 / (INT4_STD * math.sqrt(t.cols))
+            step = t.gain / (INT4_STD * math.sqrt(t.cols))
             for chunk, start in enumerate(range(0, blocks, per_chunk)):
                 count = min(per_chunk, blocks - start)
                 tasks.append((offset + start * Q40_BYTES, "q40", count, step, (seed, index, chunk)))
@@ -241,7 +254,7 @@ def plan(shape: Shape, seed: int) -> tuple[list[tuple], int]:
             per_chunk = CHUNK_BYTES // 4
             for chunk, start in enumerate(range(0, values, per_chunk)):
                 count = min(per_chunk, values - start)
-                tasks.append((offset + start * 4, t.kind, count, t.std, (seed, index, chunk)))
+                tasks.append((offset + start * 4, t.kind, count, t.gain, (seed, index, chunk)))
         offset += t.nbytes
     return tasks, offset
 
@@ -252,7 +265,8 @@ def chunk_bytes(kind: str, count: int, scale: float, seed: tuple[int, int, int])
     if kind == "q40":
         words = (count * Q40_BYTES + 7) // 8
         data = rng.bit_generator.random_raw(words).view(np.uint8)[: count * Q40_BYTES]
-        scales = rng.uniform(0.75 * scale, 1.25 * scale, count).astype(np.float16)
+        scales = rng.uniform(0.75 * scale, 1.25 * scale, count) * (1 - 2 * rng.integers(0, 2, count))
+        scales = scales.astype(np.float16)
         data.view("<u2").reshape(count, Q40_BYTES // 2)[:, 0] = scales.view("<u2")
         return data
     if kind == "normal":

@@ -16,7 +16,16 @@
 # its own beside the CPU one) and gives the head the GPU, the workers staying on their pinned CPU cores; its
 # results are named *-gpu-head. REPACK=yes also measures llama.cpp's repacked Q4_0 CPU kernels with
 # llama-bench on one Pi's cores, --repack 0 against 1. A split in $SPLITS may end in /no-repack (workers
-# started with --no-repack), e.g. SPLITS=experts,experts/no-repack.
+# started with --no-repack), e.g. SPLITS=experts,experts/no-repack; SPLITS= (empty) skips llama.cpp altogether
+# (build, model and benchmarks; REPACK=yes still builds it and writes its model).
+#
+# DLLAMA=yes then also runs distributed-llama on the same cores and links (docs/cpu/dllama_bench.py): from
+# $CARRY/dllama-src.tar.gz (its sources, with a COMMIT file) it builds dllama with make, writes a random-weight
+# Q40 model of $DLLAMA_SHAPE (docs/cpu/dllama_synth.py, 18.3 GB for qwen3-30b-a3b, under $W/dllama) and
+# generates $DLLAMA_TOKENS tokens on a root and workers, one a CPU list of $DLLAMA_CPUS (default $PI_CPUS:
+# a root and three workers) with $WORKER_THREADS threads each, every link through a relay, the driver and the
+# relays on $HEAD_CPUS. Results: $RES/dllama.md and dllama.err. E.g. distributed-llama alone:
+#   SPLITS= DLLAMA=yes docs/cpu/pi-emulation-bench.sh drive 580
 set -u
 CARRY=${CARRY:-$PWD/.gpu}
 SRC=${SRC:-$PWD}
@@ -33,9 +42,15 @@ PI_CPUS=${PI_CPUS:-0-2:3-5:6-8:9-11}
 WORKER_THREADS=${WORKER_THREADS:-3}
 HEAD_CPUS=${HEAD_CPUS:-12-15}
 PYTHON=${PYTHON:-python3}
-SPLITS=${SPLITS:-layer,experts}   # the RPC splits to run, after the single node
+SPLITS=${SPLITS-layer,experts}    # the RPC splits to run, after the single node; empty: no llama.cpp
 REQUESTS=${REQUESTS:-2}           # decoding requests per client
 PREFILL=${PREFILL:-yes}           # also the 512-token prefill run
+DLLAMA=${DLLAMA:-no}              # also distributed-llama, after llama.cpp
+DLLAMA_SHAPE=${DLLAMA_SHAPE:-qwen3-30b-a3b}   # or tiny (docs/cpu/dllama_synth.py), for a quick check
+DLLAMA_CPUS=${DLLAMA_CPUS:-$PI_CPUS}          # one CPU list a node, the root's first
+DLLAMA_TOKENS=${DLLAMA_TOKENS:-64}
+DLLAMA_RUNS=${DLLAMA_RUNS:-1}                 # inference runs (each reloads the weights)
+DLLAMA_ARGS=${DLLAMA_ARGS:-}                  # more options of docs/cpu/dllama_bench.py, e.g. --no-relay
 
 log() { echo "$(date +%T) $*" | tee -a "$RES/progress.log"; }
 
@@ -90,12 +105,39 @@ repack() { # llama-bench on one Pi's cores, llama.cpp's repacked CPU kernels off
   log "llama-bench exited $?"
 }
 
-pipeline() {
-  mkdir -p "$RES"
-  export PYTHONPATH=$SRC:/tmp/site PYTHONUNBUFFERED=1 LLMFLEET_CACHE=$W/cache
-  [ "$HEAD" = gpu ] || export CUDA_VISIBLE_DEVICES=
-  log "pipeline start (head: $HEAD)"
-  { lscpu; free -g; python3 --version; } >"$RES/machine.txt" 2>&1
+dllama_build() {
+  local dir=$W/distributed-llama
+  [ -x "$dir/dllama" ] && return 0
+  rm -rf "$dir" && mkdir -p "$dir" && tar xzf "$CARRY/dllama-src.tar.gz" -C "$dir" || return 1
+  local started=$SECONDS
+  make -C "$dir" -j "$(nproc)" CXX="${BUILD_CXX:-g++}" dllama >"$RES/dllama-build.log" 2>&1 || return 1
+  log "dllama $(cat "$dir/COMMIT" 2>/dev/null) built in $((SECONDS - started)) s"
+}
+
+dllama_synth() { # MODEL TOKENIZER
+  [ -e "$1" ] && [ -e "$2" ] && return 0
+  local started=$SECONDS
+  $PYTHON "$SRC/docs/cpu/dllama_synth.py" --shape "$DLLAMA_SHAPE" --out "$1" --tokenizer-out "$2" \
+    --jobs "$(nproc)" >"$RES/dllama-synth.log" 2>&1 || return 1
+  log "dllama model written in $((SECONDS - started)) s: $(tail -1 "$RES/dllama-synth.log")"
+}
+
+dllama_stage() {
+  local model=$W/dllama/$DLLAMA_SHAPE.m tokenizer=$W/dllama/$DLLAMA_SHAPE.t
+  log "dllama: build"
+  dllama_build || { log "dllama build failed"; tail -20 "$RES/dllama-build.log" >>"$RES/progress.log"; return 1; }
+  dllama_synth "$model" "$tokenizer" ||
+    { log "dllama model generation failed"; tail -5 "$RES/dllama-synth.log" >>"$RES/progress.log"; return 1; }
+  log "dllama bench: $DLLAMA_SHAPE on $DLLAMA_CPUS, $WORKER_THREADS threads a node, $DLLAMA_TOKENS tokens"
+  timeout $((900 * DLLAMA_RUNS + 120)) taskset -c "$HEAD_CPUS" $PYTHON "$SRC/docs/cpu/dllama_bench.py" \
+    --dllama "$W/distributed-llama/dllama" --model "$model" --tokenizer "$tokenizer" --cpus "$DLLAMA_CPUS" \
+    --threads "$WORKER_THREADS" --tokens "$DLLAMA_TOKENS" --runs "$DLLAMA_RUNS" --link-rate-mbit 940 \
+    --link-delay-ms 0.15 --log-dir "$RES/logs-dllama" --json "$RES/dllama.json" $DLLAMA_ARGS \
+    >"$RES/dllama.md" 2>"$RES/dllama.err"
+  log "dllama bench exited $?: $(grep -c '^| distributed-llama' "$RES/dllama.md") runs"
+}
+
+llama_cpp_stage() {
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$CARRY"/whl/*.whl
   tar xzf "$CARRY/llama_cpp-py.tar.gz" -C /tmp/site
   build || { log "build failed"; tail -30 "$RES/build.log" >>"$RES/progress.log"; return 1; }
@@ -114,17 +156,35 @@ pipeline() {
     common+=(--rpc-head-device cpu)
   fi
   # Decoding (short prompts, so the rates are not those of queued prefills), then a 512-token prefill.
-  bench "pi-decode$suffix" 1200 "${common[@]}" --clients 1,4 --requests "$REQUESTS" --max-tokens 64
-  [ "$PREFILL" = yes ] &&
-    bench "pi-prefill$suffix" 900 "${common[@]}" --clients 1 --requests 1 --max-tokens 4 --prompt-tokens 512
+  if [ -n "$SPLITS" ]; then
+    bench "pi-decode$suffix" 1200 "${common[@]}" --clients 1,4 --requests "$REQUESTS" --max-tokens 64
+    [ "$PREFILL" = yes ] &&
+      bench "pi-prefill$suffix" 900 "${common[@]}" --clients 1 --requests 1 --max-tokens 4 --prompt-tokens 512
+  fi
   [ "$REPACK" = yes ] && repack
+  return 0
+}
+
+pipeline() {
+  mkdir -p "$RES"
+  export PYTHONPATH=$SRC:/tmp/site PYTHONUNBUFFERED=1 LLMFLEET_CACHE=$W/cache
+  [ "$HEAD" = gpu ] || export CUDA_VISIBLE_DEVICES=
+  log "pipeline start (head: $HEAD)"
+  { lscpu; free -g; python3 --version; } >"$RES/machine.txt" 2>&1
+  if [ -n "$SPLITS" ] || [ "$REPACK" = yes ]; then
+    llama_cpp_stage || return 1
+  fi
+  if [ "$DLLAMA" = yes ]; then
+    dllama_stage || return 1
+  fi
   log "pipeline done"
 }
 
 collect() {
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/results.tar.gz" -C "$W" out 2>/dev/null
-  for f in progress.log pi-{decode,prefill}{,-gpu-head}.{md,err} repack.md repack.err reshard.log; do
+  for f in progress.log pi-{decode,prefill}{,-gpu-head}.{md,err} repack.md repack.err reshard.log \
+    dllama.{md,err,json} dllama-synth.log; do
     [ -e "$RES/$f" ] && cp "$RES/$f" "$OUT/"
   done
 }
@@ -145,5 +205,5 @@ case "${1:-}" in
     tail -25 "$RES/progress.log"
     collect
     ;;
-  *) sed -n 2,14p "$0"; exit 2 ;;
+  *) sed -n 2,28p "$0"; exit 2 ;;
 esac

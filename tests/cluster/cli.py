@@ -50,8 +50,10 @@ def _wheelhouse(_args: argparse.Namespace) -> int:
 
 
 def _report(_args: argparse.Namespace) -> int:
-    """What the demo shows once site.yml has run: the head's health and one completion through the workers."""
+    """What the demo shows once site.yml has run: the head's health, one completion through the workers, and
+    where Prometheus answers."""
     import json
+    import time
     import urllib.request
 
     from tests.cluster import config, ssh
@@ -70,6 +72,20 @@ def _report(_args: argparse.Namespace) -> int:
     with urllib.request.urlopen(request, timeout=120) as resp:
         reply = json.loads(resp.read())
     print("POST /v1/completions:", json.dumps(reply["choices"][0]["text"]), "usage:", reply["usage"])
+    prometheus = f"http://{head.address}:9090"
+    # A Prometheus reloaded a moment ago lists its targets, then scrapes each, within a scrape interval.
+    deadline = time.monotonic() + 45
+    while True:
+        with urllib.request.urlopen(prometheus + "/api/v1/targets?state=active", timeout=30) as resp:
+            targets = json.loads(resp.read())["data"]["activeTargets"]
+        up = sum(target["health"] == "up" for target in targets)
+        if (targets and up == len(targets)) or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    print(
+        f"Prometheus: {prometheus}/ ({up} of {len(targets)} targets up), its alerts at {prometheus}/alerts,"
+    )
+    print(f"the cluster's console page at {prometheus}/consoles/llmfleet.html (docs/monitoring.md).")
     print("The cluster stays up; tear it down with `make demo-down` (python -m tests.cluster down).")
     return 0
 

@@ -36,6 +36,16 @@ IMAGE_PACKAGES = (
     "iputils-ping",
     # llama-cpp-python's shared libraries link against OpenMP.
     "libgomp1",
+    # The monitoring role's packages (every host's exporter, Prometheus on the monitoring host).
+    "prometheus-node-exporter",
+    "prometheus",
+)
+
+# Services a package enables when it is installed, disabled again in the image: a factory-new host has none
+# of them running, and the role that wants one enables it (as it would after installing the package).
+DISABLED_UNITS = (
+    "prometheus.service",
+    "prometheus-node-exporter.service",
 )
 
 # Units that only slow a test boot down or start work no test wants (timers, a console login).
@@ -147,6 +157,7 @@ def image_version() -> str:
         "packages": sorted(IMAGE_PACKAGES),
         "files": IMAGE_FILES,
         "symlinks": IMAGE_SYMLINKS,
+        "disabled": DISABLED_UNITS,
         "revision": BUILD_REVISION,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
@@ -212,6 +223,9 @@ def _customise(root: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_tree(target)
         target.symlink_to(link)
+    for unit in DISABLED_UNITS:
+        for link in (root / "etc/systemd/system").glob(f"*.wants/{unit}"):
+            link.unlink()
     for leftover in (root / "var/cache/apt/archives").glob("*.deb"):
         leftover.unlink()
 

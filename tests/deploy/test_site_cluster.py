@@ -1,6 +1,7 @@
 """playbooks/site.yml against the local cluster (tests/cluster): it converges, a second run and --check change
-nothing, the firewall lets the head alone reach the workers, the API wants its key, and a greedy completion
-through four Pi workers is the one a local load of the same model gives."""
+nothing, the firewall lets the head alone reach the workers, the API wants its key, a greedy completion
+through four Pi workers is the one a local load of the same model gives, and Prometheus on the monitoring
+host scrapes every host, the head and the workers, with data behind every dashboard query."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -44,6 +46,12 @@ def site_vars() -> dict:
         "inference_head_flash_attn": "on",
         # The controller is the API's client in these tests.
         "firewall_api_allowed_cidrs": [f"{config.BRIDGE_ADDRESS}/32"],
+        # Automatic degradation at the monitoring alert's threshold (the tiny model serves a token in
+        # 15-40 ms here), judged over short windows, and the alerts' `for:` shortened to match, so that a
+        # slowdown test takes a few minutes.
+        "inference_head_degrade_target_ms_per_token": 80,
+        "inference_head_degrade_window": 20,
+        "monitoring_alert_for": "30s",
     }
     probe = subprocess.run(
         [str(SYSTEM_PYTHON), "-c", "import setuptools, wheel"], capture_output=True, check=False
@@ -259,6 +267,132 @@ def test_services_expose_at_most_three(converged, host, unit):
     print(f"{host.name} {unit}: exposure {value}", file=sys.stderr)
     assert value <= 3.0
     assert on(host, f"systemctl show -p ActiveState --value {unit}").strip() == "active"
+
+
+PROMETHEUS = f"http://{GPU.address}:9090"
+
+
+def prometheus(path: str, **params: str):
+    """GET PROMETHEUS + path (Prometheus's HTTP API); its ``data``."""
+    url = f"{PROMETHEUS}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def scraped_targets() -> dict[tuple[str, str], dict]:
+    targets = prometheus("/api/v1/targets", state="active")["activeTargets"]
+    return {(t["labels"]["job"], t["labels"].get("host", t["labels"]["instance"])): t for t in targets}
+
+
+def test_prometheus_scrapes_every_host_the_head_and_each_worker(converged):
+    workers = [h.name for h in config.HOSTS if h.group == "rpc_workers"]
+    expected = (
+        {("node", h.name) for h in config.HOSTS}
+        | {("llmfleet_head", "gpu1"), ("prometheus", "localhost:9090")}
+        | {("llmfleet_worker", name) for name in workers}
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        targets = scraped_targets()
+        down = {key: t["lastError"] for key, t in targets.items() if t["health"] != "up"}
+        if (set(targets) == expected and not down) or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert set(targets) == expected
+    assert not down, down
+    # The rules loaded, and the alert rules have a group of their own.
+    groups = prometheus("/api/v1/rules")["groups"]
+    alerts = {rule["name"] for group in groups for rule in group["rules"] if rule["type"] == "alerting"}
+    assert {"LlmfleetTokenLatencyHigh", "LlmfleetWorkerDown", "LlmfleetHostMemoryHigh"} <= alerts
+
+
+def test_every_dashboard_query_returns_data(converged):
+    from tests.unit.roles.test_monitoring_dashboards import panel_queries
+
+    key = on(GPU, "cat /etc/llmfleet/head-api-key").strip()
+    # Some traffic, so that the rates and latency histograms have samples in their windows.
+    for _ in range(3):
+        status, body = api("/v1/completions", {"prompt": PROMPT, "max_tokens": 8}, key=key)
+        assert status == 200, body
+    queries = panel_queries()
+    assert queries
+    deadline = time.monotonic() + 120
+    empty = list(queries)
+    while empty and time.monotonic() < deadline:
+        empty = [q for q in empty if not prometheus("/api/v1/query", query=q)["result"]]
+        if empty:
+            time.sleep(10)
+    assert not empty, f"no data for {empty}"
+
+
+@pytest.mark.parametrize(("port", "host"), [(9100, PI1), (9181, PI1), (9090, GPU)])
+def test_metrics_and_prometheus_ports_answer_the_monitoring_host_and_are_dropped_for_others(
+    converged, port, host
+):
+    probe = f"import socket; socket.create_connection(('{host.address}', {port}), 3)"
+    result = ssh.run(PI2, f'python3 -c "{probe}"', check=False)
+    assert result.returncode != 0 and "timed out" in result.stderr
+    if host is not GPU:
+        on(GPU, f'python3 -c "{probe}"')
+
+
+def alert_state(name: str) -> str:
+    """The state of the alert ``name`` in Prometheus: "firing", "pending" or "inactive"."""
+    states = {a["state"] for a in prometheus("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == name}
+    return "firing" if "firing" in states else "pending" if "pending" in states else "inactive"
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 3):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(interval)
+    return value
+
+
+def test_a_throttled_worker_fires_the_latency_alert_and_the_head_steps_down_then_back(converged):
+    """A worker held to 1% of a CPU (the injected slowdown) makes every token of the expert split wait for
+    it: Prometheus's LlmfleetTokenLatencyHigh fires (site_vars: 80 ms, `for: 30s`) and the head, whose own
+    window says the same, steps down a level; once the cap is gone the head steps back up."""
+    import threading
+
+    from tests.cluster import cgroups
+
+    key = on(GPU, "cat /etc/llmfleet/head-api-key").strip()
+    assert api("/health")[1]["degradation"]["level"] == 0
+    stop, statuses = threading.Event(), []
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                status, _ = api("/v1/completions", {"prompt": PROMPT, "max_tokens": 16}, key=key)
+            except OSError as exc:
+                status = repr(exc)
+            statuses.append(status)
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        with cgroups.cpu_throttled(PI1, "llmfleet-rpc-worker.service", quota_us=2_000, period_us=200_000):
+            wait_for(
+                "LlmfleetTokenLatencyHigh firing",
+                lambda: alert_state("LlmfleetTokenLatencyHigh") == "firing",
+                timeout=240,
+            )
+            down = wait_for(
+                "the head's step down", lambda: api("/health")[1]["degradation"]["level"] >= 1, timeout=120
+            )
+            assert down
+            assert prometheus("/api/v1/query", query="max(llmfleet_degradation_level)")["result"]
+        wait_for(
+            "the head's step back up", lambda: api("/health")[1]["degradation"]["level"] == 0, timeout=240
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=180)
+    assert statuses.count(200) >= 5, statuses
 
 
 def playbook_on(tmp_path: Path, playbook: str, *args: str) -> tuple[int, dict]:

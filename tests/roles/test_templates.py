@@ -128,7 +128,22 @@ def test_worker_ruleset_lets_the_head_alone_reach_rpc(rendered):
     assert "policy accept;" in text and "8080" not in text
     assert "dport 50060" in (rendered / "pi2" / "llmfleet.nft").read_text()
     assert not re.search(r"dport 22\b", text)
-    assert "metrics_clients" not in text  # no worker metrics port by default: nothing to guard
+    # No worker metrics port by default: the node exporter's is the one metrics port guarded.
+    assert re.findall(r'tcp dport (\d+) counter drop comment "metrics_clients', text) == ["9100"]
+    assert "prometheus_clients" not in text  # Prometheus runs on the head
+
+
+def test_the_node_exporter_and_prometheus_are_open_to_the_monitoring_host_and_its_clients(rendered):
+    # Prometheus runs on the inference_head group's host (no monitoring group here): gpu1, 10.0.0.21.
+    for host in ("pi1", "pi2", "gpu1"):
+        text = (rendered / host / "llmfleet.nft").read_text()
+        assert "tcp dport 9100 ip saddr @metrics_clients_v4 accept" in text, host
+        metrics_set = text[text.index("set metrics_clients_v4") :]
+        assert "elements = { 10.0.0.21 }" in metrics_set[: metrics_set.index("}") + 1], host
+    head = (rendered / "gpu1" / "llmfleet.nft").read_text()
+    assert 'tcp dport 9090 counter drop comment "prometheus_clients: anyone else"' in head
+    clients = head[head.index("set prometheus_clients_v4") :]
+    assert "elements" not in clients[: clients.index("}") + 1]  # [] by default: its own host alone
 
 
 def test_a_worker_metrics_port_is_open_to_the_metrics_clients_alone(rendered):

@@ -81,15 +81,20 @@ def test_the_scrape_targets_are_the_inventorys_hosts(defaults):
     config = yaml.safe_load((defaults / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job["static_configs"] for job in config["scrape_configs"]}
     hosts = yaml.safe_load(INVENTORY.read_text())["all"]["children"]
+    # A group such as monitoring lists hosts by name alone; their address is in their main group.
     address = {
-        name: spec["ansible_host"] for group in hosts.values() for name, spec in group["hosts"].items()
+        name: spec["ansible_host"]
+        for group in hosts.values()
+        for name, spec in group["hosts"].items()
+        if spec
     }
     node = {c["labels"]["host"]: c["targets"] for c in jobs["node"]}
     assert node == {name: [f"{ip}:9100"] for name, ip in address.items()}
     head = {c["labels"]["host"]: c["targets"] for c in jobs["llmfleet_head"]}
     assert head == {"gpu1": [f"{address['gpu1']}:9180"]}
-    # No worker in the local inventory serves metrics of its own: no worker job.
-    assert "llmfleet_worker" not in jobs
+    # The local inventory's workers serve metrics of their own (rpc_workers.yml: rpc_worker_metrics_port).
+    workers = {c["labels"]["host"]: c["targets"] for c in jobs["llmfleet_worker"]}
+    assert workers == {name: [f"{address[name]}:9181"] for name in hosts["rpc_workers"]["hosts"]}
 
 
 def test_workers_with_a_metrics_port_are_scraped(tmp_path):
