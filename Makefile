@@ -99,7 +99,7 @@ cluster-wheelhouse: install
 	$(BIN)/python -m tests.cluster wheelhouse
 
 # Tuning roles whose molecule scenario (apply, idempotence, verify, reboot, verify again) runs on the cluster.
-MOLECULE_ROLES := cpu_tuning memory_tuning storage_tuning cpu_pinning pi_boot cgroup_slices debloat
+MOLECULE_ROLES := cpu_tuning memory_tuning storage_tuning cpu_pinning pi_boot cgroup_slices debloat monitoring
 
 test: lint cluster-wheelhouse
 	$(BIN)/pytest
