@@ -47,6 +47,8 @@ def test_head_serves_the_inventory_workers_with_the_key_as_a_credential(rendered
         f"{rendered}/venv/bin/python -m inference serve --model /srv/models/qwen3-30b-a3b-q4_k.gguf "
         "--host 0.0.0.0 --port 8080 --split layer --ctx 8192 --parallel 2 --threads 0 --flash-attn auto "
         "--gpu-layers 999 --reasoning-format auto --rpc 10.0.0.11:50052,10.0.0.12:50060 --metrics-port 9180 "
+        # Automatic degradation at the monitoring alert's 80 ms per output token, on by default.
+        "--degrade-target-ms-per-token 80 --degrade-window 60 --degrade-max-tokens 256 "
         "--api-key-file %d/api-key"
     ]
     assert unit["LoadCredential"] == ["api-key:/etc/llmfleet/head-api-key"]

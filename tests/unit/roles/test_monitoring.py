@@ -97,6 +97,17 @@ def test_the_scrape_targets_are_the_inventorys_hosts(defaults):
     assert workers == {name: [f"{address[name]}:9181"] for name in hosts["rpc_workers"]["hosts"]}
 
 
+def test_alertmanager_is_off_by_default_and_gets_the_alerts_when_on(defaults, tmp_path):
+    assert "alerting" not in yaml.safe_load((defaults / "prometheus.yml").read_text())
+    rendered = render(
+        tmp_path / "alertmanager", monitoring_alertmanager=True, monitoring_alertmanager_port=9393
+    )
+    config = promtool("check", "config", "prometheus.yml", cwd=rendered)
+    assert config.returncode == 0, config.stdout + config.stderr
+    alerting = yaml.safe_load((rendered / "prometheus.yml").read_text())["alerting"]
+    assert alerting == {"alertmanagers": [{"static_configs": [{"targets": ["localhost:9393"]}]}]}
+
+
 def test_workers_with_a_metrics_port_are_scraped(tmp_path):
     rendered = render(tmp_path / "workers", rpc_worker_metrics_port=50053)
     config = promtool("check", "config", "prometheus.yml", cwd=rendered)
