@@ -449,10 +449,10 @@ def test_a_worker_restarted_by_a_rerun_drains_the_head_and_fails_no_request(conv
     assert rc == 0, output["stats"]
     results = host_results(output, "pi2")
     assert results["rpc_worker : Drain the head before the restart"]["json"]["drained"] is True
-    assert "skipped" not in results["rpc_worker : Resume the head"]
     assert on(PI2, f"systemctl show -p ExecMainStartTimestampMonotonic --value {unit}").strip() != started
     assert " --threads 1" in on(PI2, f"systemctl show -p ExecStart --value {unit}")
     assert len(statuses) >= 3 and all(status == 200 for status in statuses), statuses
+    # The drain's lease is 600 s: only the role's resume ends it this soon.
     assert api("/health")[1]["draining"] is False
     # Back to the inventory's settings (another drained restart).
     rc, output = playbook_on(tmp_path, "playbooks/deploy.yml", "--limit", "pi2")
