@@ -419,47 +419,6 @@ def tuning_facts_of(tmp_path: Path, host) -> dict:
     return output["plays"][0]["tasks"][0]["hosts"][host.name]["ansible_facts"]["tuning"]
 
 
-def test_a_worker_restarted_by_a_rerun_drains_the_head_and_fails_no_request(converged, tmp_path):
-    """A deploy.yml run that changes a worker's unit restarts it; the role drains the serving head around
-    the restart, so a client sending requests the whole time sees them wait, never fail."""
-    import threading
-
-    key = on(GPU, "cat /etc/llmfleet/head-api-key").strip()
-    unit = "llmfleet-rpc-worker.service"
-    started = on(PI2, f"systemctl show -p ExecMainStartTimestampMonotonic --value {unit}").strip()
-    stop, statuses = threading.Event(), []
-
-    def client() -> None:
-        while not stop.is_set():
-            try:
-                status, body = api("/v1/completions", {"prompt": PROMPT, "max_tokens": 8}, key=key)
-            except OSError as exc:
-                status, body = repr(exc), None
-            statuses.append(status if status == 200 else (status, body))
-
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
-    try:
-        rc, output = playbook_on(
-            tmp_path, "playbooks/deploy.yml", "--limit", "pi2", "-e", "rpc_worker_threads=1"
-        )
-    finally:
-        stop.set()
-        thread.join(timeout=180)
-    assert rc == 0, output["stats"]
-    results = host_results(output, "pi2")
-    assert results["rpc_worker : Drain the head before the restart"]["json"]["drained"] is True
-    assert on(PI2, f"systemctl show -p ExecMainStartTimestampMonotonic --value {unit}").strip() != started
-    assert " --threads 1" in on(PI2, f"systemctl show -p ExecStart --value {unit}")
-    assert len(statuses) >= 3 and all(status == 200 for status in statuses), statuses
-    # The drain's lease is 600 s: only the role's resume ends it this soon.
-    assert api("/health")[1]["draining"] is False
-    # Back to the inventory's settings (another drained restart).
-    rc, output = playbook_on(tmp_path, "playbooks/deploy.yml", "--limit", "pi2")
-    assert rc == 0, output["stats"]
-    wait_healthy()
-
-
 def test_memory_limit_on_a_pi_needs_the_reboot_then_is_in_the_worker_unit(converged, tmp_path):
     """Last in this module: it reboots pi1 and restarts its worker."""
     from tests.cluster.hoststate import HostFiles
