@@ -306,6 +306,14 @@ def ensure_model(path: pathlib.Path | None, shape: str, quant: str) -> pathlib.P
 
 
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+# --rpc-splits variants that set the expert split's wire types in the head's environment (patch 0006); the
+# plain split sends the hidden state as Q8_0 where that is exact and the partials as f32
+WIRE_VARIANTS = {
+    "hidden-f32": {"LLAMA_EXPERT_SPLIT_HIDDEN_TYPE": "f32"},
+    "partial-f16": {"LLAMA_EXPERT_SPLIT_PARTIAL_TYPE": "f16"},
+    "partial-q8_0": {"LLAMA_EXPERT_SPLIT_PARTIAL_TYPE": "q8_0"},
+}
+SPLIT_VARIANTS = ("", "no-repack", *WIRE_VARIANTS)
 
 
 def targets(args, model: pathlib.Path) -> list[tuple[str, Callable[[], Target]]]:
@@ -357,11 +365,12 @@ def targets(args, model: pathlib.Path) -> list[tuple[str, Callable[[], Target]]]
                 lambda c=cmd, p=port: Target("llama_cpp.server", c, "/v1/models", p, kind="llama_cpp.server"),
             )
         )
-    head_env = CPU_ONLY if args.rpc_head_device == "cpu" else None
+    head_env = CPU_ONLY if args.rpc_head_device == "cpu" else {}
     for split in args.rpc_splits:
         label = f"llmfleet rpc x{args.rpc_workers} {split}"
-        mode = split.partition("/")[0]
-        out.append((label, lambda s=mode, n=label: ours(n, ["--split", s], head_env, "rpc")))
+        mode, _, variant = split.partition("/")
+        env = {**head_env, **WIRE_VARIANTS.get(variant, {})} or None
+        out.append((label, lambda s=mode, n=label, e=env: ours(n, ["--split", s], e, "rpc")))
     return out
 
 
@@ -372,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     return run(argv)
 
 
-def run(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's arguments, checked; --rpc-splits becomes a list."""
     parser = argparse.ArgumentParser(prog="python -m inference bench", description=__doc__)
     parser.add_argument("--model", type=pathlib.Path, help="GGUF to serve (default: synthesize --shape)")
     parser.add_argument("--shape", default="bench")
@@ -406,7 +416,8 @@ def run(argv: list[str] | None = None) -> int:
         "--rpc-splits",
         default="layer,tensor",
         help="comma list of serve --split modes, each optionally with /no-repack (workers started with "
-        "--no-repack), e.g. experts,experts/no-repack; empty for none",
+        "--no-repack) or, for experts, /hidden-f32, /partial-f16 or /partial-q8_0 (the wire types of patch "
+        "0006), e.g. experts,experts/no-repack; empty for none",
     )
     parser.add_argument("--rpc-workers", type=int, default=2, help="loopback RPC workers for the rpc runs")
     parser.add_argument("--rpc-worker-threads", type=int, default=1)
@@ -461,14 +472,13 @@ def run(argv: list[str] | None = None) -> int:
     args.rpc_splits = [s for s in args.rpc_splits.split(",") if s]
     for split in args.rpc_splits:
         mode, _, variant = split.partition("/")
-        if mode not in config_module.SPLIT_MODES or variant not in ("", "no-repack"):
+        if mode not in config_module.SPLIT_MODES or variant not in SPLIT_VARIANTS:
             parser.error(
                 f"--rpc-splits {split!r}: give serve --split modes ({', '.join(config_module.SPLIT_MODES)}), each "
-                "optionally followed by /no-repack"
+                f"optionally followed by one of /{', /'.join(v for v in SPLIT_VARIANTS if v)}"
             )
-    clients = [int(c) for c in args.clients.split(",")]
     try:
-        cpu_sets = parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers)
+        parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers)
     except ValueError as exc:
         parser.error(str(exc))
     if args.prompt_tokens is not None and args.prompt_tokens < 1:
@@ -481,6 +491,13 @@ def run(argv: list[str] | None = None) -> int:
         parser.error(
             f"--llama-server {args.llama_server} is not an executable; build it with `make llama-server`"
         )
+    return args
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",")]
+    cpu_sets = parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers)
     model = ensure_model(args.model, args.shape, args.quant)
     if args.multi_turn:
         return multi_turn(args, model)

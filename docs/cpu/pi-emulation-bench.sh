@@ -17,7 +17,10 @@
 # results are named *-gpu-head. REPACK=yes also measures llama.cpp's repacked Q4_0 CPU kernels with
 # llama-bench on one Pi's cores, --repack 0 against 1. A split in $SPLITS may end in /no-repack (workers
 # started with --no-repack), e.g. SPLITS=experts,experts/no-repack; SPLITS= (empty) skips llama.cpp altogether
-# (build, model and benchmarks; REPACK=yes still builds it and writes its model).
+# (build, model and benchmarks; REPACK=yes still builds it and writes its model). An expert split may also end
+# in /hidden-f32, /partial-f16 or /partial-q8_0 (the wire types of patch 0006, set in the head's environment).
+# $CLIENTS (default 1,4) are the decoding runs' client counts; $BENCH_ARGS go to every bench as they are
+# (e.g. "--skip-local --rounds 2").
 #
 # DLLAMA=yes then also runs distributed-llama on the same cores and links (docs/cpu/dllama_bench.py): from
 # $CARRY/dllama-src.tar.gz (its sources, with a COMMIT file) it builds dllama with make, writes a random-weight
@@ -44,6 +47,8 @@ HEAD_CPUS=${HEAD_CPUS:-12-15}
 PYTHON=${PYTHON:-python3}
 SPLITS=${SPLITS-layer,experts}    # the RPC splits to run, after the single node; empty: no llama.cpp
 REQUESTS=${REQUESTS:-2}           # decoding requests per client
+CLIENTS=${CLIENTS:-1,4}           # client counts of the decoding runs
+BENCH_ARGS=${BENCH_ARGS:-}        # more options of every bench
 PREFILL=${PREFILL:-yes}           # also the 512-token prefill run
 DLLAMA=${DLLAMA:-no}              # also distributed-llama, after llama.cpp
 DLLAMA_SHAPE=${DLLAMA_SHAPE:-qwen3-30b-a3b}   # or tiny (docs/cpu/dllama_synth.py), for a quick check
@@ -149,7 +154,7 @@ llama_cpp_stage() {
   # The reshard above filled the head's cache (~/.cache/llmfleet/sharded), so the experts run loads at once.
   local common=(--threads 4 --ctx 4096 --parallel 4 --flash-attn on --rpc-splits "$SPLITS" --rpc-workers 4
     --rpc-worker-threads "$WORKER_THREADS" --rpc-worker-cpus "$PI_CPUS" --rpc-worker-device cpu
-    --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load) suffix=
+    --link-rate-mbit 940 --link-delay-ms 0.15 --link-after-load $BENCH_ARGS) suffix=
   if [ "$HEAD" = gpu ]; then
     common+=(--gpu-layers 999 --skip-local) suffix=-gpu-head
   else
@@ -157,7 +162,7 @@ llama_cpp_stage() {
   fi
   # Decoding (short prompts, so the rates are not those of queued prefills), then a 512-token prefill.
   if [ -n "$SPLITS" ]; then
-    bench "pi-decode$suffix" 1200 "${common[@]}" --clients 1,4 --requests "$REQUESTS" --max-tokens 64
+    bench "pi-decode$suffix" 1200 "${common[@]}" --clients "$CLIENTS" --requests "$REQUESTS" --max-tokens 64
     [ "$PREFILL" = yes ] &&
       bench "pi-prefill$suffix" 900 "${common[@]}" --clients 1 --requests 1 --max-tokens 4 --prompt-tokens 512
   fi
@@ -205,5 +210,5 @@ case "${1:-}" in
     tail -25 "$RES/progress.log"
     collect
     ;;
-  *) sed -n 2,28p "$0"; exit 2 ;;
+  *) sed -n 2,31p "$0"; exit 2 ;;
 esac

@@ -64,6 +64,21 @@ def test_pinned_workers_start_under_taskset():
     assert bench.worker_command(5000, 1, None)[0] != "taskset"
 
 
+def test_the_expert_split_s_wire_variants_set_the_head_s_environment(tmp_path):
+    # Patch 0006's wire types are read by the head, so a variant is the same split with one more variable.
+    argv = ["--model", "m.gguf", "--skip-llama-cpp-python", "--skip-local", "--rpc-head-device", "cpu"]
+    args = bench.parse_args([*argv, "--rpc-splits", "experts,experts/hidden-f32,experts/partial-f16"])
+    made = [make() for _name, make in bench.targets(args, tmp_path / "m.gguf")]
+    assert [t.env for t in made] == [
+        {"CUDA_VISIBLE_DEVICES": ""},
+        {"CUDA_VISIBLE_DEVICES": "", "LLAMA_EXPERT_SPLIT_HIDDEN_TYPE": "f32"},
+        {"CUDA_VISIBLE_DEVICES": "", "LLAMA_EXPERT_SPLIT_PARTIAL_TYPE": "f16"},
+    ]
+    assert all(t.command[-2:] == ["--split", "experts"] for t in made)
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv, "--rpc-splits", "experts/partial-f8"])
+
+
 def test_bench_against_this_service_with_exact_prompts(tiny_model, tmp_path, monkeypatch, capsys):
     """End to end on the CPU: two RPC workers behind counting relays, 40-token prompts checked by usage."""
     monkeypatch.setattr(bench, "CACHE", tmp_path)
