@@ -135,3 +135,108 @@ def cpu_throttled(host: Host, unit: str, quota_us: int, period_us: int = 200_000
         yield
     finally:
         (groups[0] / "cpu.max").write_text(before)
+
+
+def unit_file_cpu_quota(root: Path, unit: str) -> int | None:
+    """``CPUQuota=`` of ``unit`` as its unit file and drop-ins under ``root``/etc/systemd/system set it, in
+    microseconds of CPU time per 100 ms period (systemd's default CPUQuotaPeriodSec=), or None when unset or
+    empty. ``CPUQuota=150%`` is 150000: one and a half CPUs. The last assignment wins, as in systemd."""
+    base = root / "etc/systemd/system"
+    files = [base / unit, *sorted((base / f"{unit}.d").glob("*.conf"))]
+    percent: float | None = None
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.strip().partition("=")
+            if key.strip() == "CPUQuota":
+                value = value.strip()
+                percent = float(value.rstrip("%")) if value else None
+    return None if percent is None else int(percent * 1_000)
+
+
+@contextlib.contextmanager
+def slice_cpu_quota_enforced(hosts: list[Host], slice_unit: str, interval: float = 0.5):
+    """While the block runs, hold every process of each host's ``slice_unit`` to the ``CPUQuota=`` its unit
+    file says, re-read every ``interval`` seconds: a setting written, changed or removed by a playbook takes
+    effect within that time, and processes started in the slice meanwhile (a restarted service) are held too.
+
+    On a cgroup v1 hybrid hierarchy a container gets no ``cpu`` controller, so systemd inside it accepts
+    CPUQuota= and enforces nothing; this does the kernel's part from outside, with the CFS bandwidth control
+    of a v1 ``cpu`` cgroup per host, as cpu_throttled() does for one unit. The unit file stands in for the
+    value systemd would load from it at the next daemon-reload. On the unified hierarchy, where systemd
+    enforces the quota itself through ``cpu.max``, it does nothing. Raises HarnessError when neither is
+    available."""
+    import threading
+
+    from tests.cluster.hoststate import HostFiles
+    from tests.cluster.system import HarnessError
+
+    v1 = CGROUP_ROOT / "cpu"
+    if not (v1 / "cpu.cfs_quota_us").exists():
+        if (CGROUP_ROOT / "cgroup.controllers").exists() and "cpu" in (
+            CGROUP_ROOT / "cgroup.subtree_control"
+        ).read_text().split():
+            yield
+            return
+        raise HarnessError(f"no CPU bandwidth control to enforce {slice_unit}'s CPUQuota=")
+    groups = {host.name: v1 / f"{PARENT}-quota-{host.name}" for host in hosts}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def slice_pids(host: Host) -> set[int]:
+        found: set[int] = set()
+        for directory in host_dirs(host):
+            for group in _subtree(directory):
+                if slice_unit in group.parts:
+                    with contextlib.suppress(OSError):
+                        found.update(int(line) for line in (group / "cgroup.procs").read_text().split())
+        return found
+
+    def release(group: Path) -> None:
+        for line in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                (v1 / "cgroup.procs").write_text(f"{line}\n")
+
+    def enforce_once() -> None:
+        for host in hosts:
+            group = groups[host.name]
+            quota = unit_file_cpu_quota(HostFiles(host).root, slice_unit)
+            if quota is None:
+                (group / "cpu.cfs_quota_us").write_text("-1\n")
+                release(group)
+                continue
+            (group / "cpu.cfs_quota_us").write_text(f"{max(quota, 1_000)}\n")
+            for pid in slice_pids(host) - {int(p) for p in (group / "cgroup.procs").read_text().split()}:
+                with contextlib.suppress(ProcessLookupError):
+                    (group / "cgroup.procs").write_text(f"{pid}\n")
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            try:
+                enforce_once()
+            except OSError as exc:  # a host that stops or reboots meanwhile; report it at the end
+                errors.append(exc)
+                return
+
+    for group in groups.values():
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text("100000\n")
+        (group / "cpu.cfs_quota_us").write_text("-1\n")
+    thread = threading.Thread(target=watch, name="slice-cpu-quota", daemon=True)
+    try:
+        enforce_once()
+        thread.start()
+        yield
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=10)
+        for group in groups.values():
+            with contextlib.suppress(OSError):
+                release(group)
+                group.rmdir()
+    if errors:
+        raise HarnessError(f"enforcing {slice_unit}'s CPUQuota= stopped: {errors[0]}")
