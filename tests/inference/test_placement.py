@@ -81,7 +81,6 @@ def test_the_expert_split_sends_each_layers_graph_once_and_the_hidden_state_as_q
     with expert_split_over_relays(tiny_model, tmp_path, procs) as (server, relays):
         sent = bytes_per_generated_token(server, relays, "to_worker", "Graphs kept by uid")
     for per_token in sent:
-        print(f"{per_token:.0f} bytes a token to a worker")
         assert per_token < shape.n_layer * (1300 + hidden_q8_0), (
             f"{per_token:.0f} bytes per token to a worker over {shape.n_layer} layers, the hidden state as Q8_0 "
             f"is {hidden_q8_0} a layer"
