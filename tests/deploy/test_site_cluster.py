@@ -513,7 +513,18 @@ class Client:
             except OSError as exc:
                 status, body = repr(exc), None
             self.statuses.append(
-                (status, round(time.monotonic() - started, 1), None if status == 200 else body)
+                (
+                    status,
+                    round(time.monotonic() - started, 1),
+                    None
+                    if status == 200
+                    else (
+                        body,
+                        time.strftime(
+                            "started %H:%M:%S", time.gmtime(time.time() - (time.monotonic() - started))
+                        ),
+                    ),
+                )
             )
 
     def __enter__(self) -> Client:
@@ -556,12 +567,19 @@ def test_a_retune_that_slows_the_service_is_rolled_back_on_the_first_worker_and_
     measured = host_results(output, "pi1")["Keep the measurement the gate judges"]["ansible_facts"][
         "__llmfleet_retune_gate_measured"
     ]
-    after = host_results(output, "pi1")["Keep the measurement after the rollback"]["ansible_facts"][
-        "__llmfleet_retune_after_rollback"
-    ]
+    # The check after the rollback repeats until the speed is back; the last one that ran has the figures.
+    after = [
+        task["hosts"]["pi1"]["ansible_facts"]["__llmfleet_retune_after_rollback"]
+        for play in output["plays"]
+        for task in play["tasks"]
+        if task["task"]["name"] == "Keep the measurement after the rollback"
+        and "ansible_facts" in task["hosts"].get("pi1", {})
+    ][-1]
     assert f"Baseline {baseline['tokens_per_second']} tokens/s" in message, message
     assert f"measured {measured['tokens_per_second']} tokens/s" in message, message
     assert "the hosts after it were not touched" in message, message
+    assert f"after the rollback: {after['tokens_per_second']} tokens/s" in message, message
+    assert "back within the gate" in message, message
     slowest = float(baseline["tokens_per_second"]) * (1 - 15 / 100)
     assert float(measured["tokens_per_second"]) < slowest or float(
         measured["time_to_first_token_ms"]

@@ -52,9 +52,20 @@ def test_a_role_list_that_cannot_run_is_refused_before_the_baseline(tmp_path, ro
     assert "Measure the baseline" not in [t.task for t in run.host_tasks("gpu1")]
 
 
-def test_a_threshold_out_of_range_is_refused_naming_it(tmp_path):
-    run = retune_checks(tmp_path, {"llmfleet_retune_max_slowdown_percent": 100})
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("llmfleet_retune_max_slowdown_percent", 100, "(expected 0 to 99)"),
+        ("llmfleet_retune_samples", 0, "(expected 1 or more)"),
+        ("llmfleet_retune_prompt", " ", "(expected some text)"),
+        ("llmfleet_retune_rollback_checks", 0, "(expected 1 or more)"),
+        ("llmfleet_retune_rollback_check_delay_s", "10s", "(expected whole seconds, 0 or more)"),
+    ],
+)
+def test_a_threshold_out_of_range_is_refused_naming_it(tmp_path, name, value, expected):
+    run = retune_checks(tmp_path, {name: value})
     assert run.returncode != 0
     task, message = first_failure(run)
     assert task == "Check the re-tune thresholds"
-    assert "llmfleet_retune_max_slowdown_percent is 100 (expected 0 to 99)" in message
+    shown = json.dumps(value) if name == "llmfleet_retune_prompt" else value
+    assert f"{name} is {shown} {expected}" in message, message
