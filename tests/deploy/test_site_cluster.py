@@ -638,6 +638,64 @@ def test_a_rolling_retune_goes_host_by_host_restarts_a_worker_behind_a_drain_and
     wait_healthy()
 
 
+@pytest.mark.timeout(1500)
+def test_a_worker_restarted_by_a_rerun_drains_the_head_and_fails_no_request(converged, tmp_path):
+    """A deploy.yml re-run that changes a worker's unit (its thread count) restarts that worker through the
+    rpc_worker role's handler: the head is drained first, the worker restarts, the head resumes once its
+    engine reached the worker again; a client sending requests the whole time sees no failed request. The
+    same for the change undone."""
+    key = on(GPU, "cat /etc/llmfleet/head-api-key").strip()
+    started = {host.name: unit_started(host, service_of(host)) for host in config.HOSTS}
+    threads = on(PI2, f"systemctl show -p ExecStart --value {WORKER_UNIT}")
+    for value, expected in ((1, " --threads 1 "), (None, None)):
+        extra = ("-e", f"rpc_worker_threads={value}") if value else ()
+        before = unit_started(PI2, WORKER_UNIT)
+        with Client(key) as client:
+            rc, output = playbook_on(tmp_path, "playbooks/deploy.yml", "--limit", "pi2", *extra)
+        assert rc == 0, output["stats"]
+        assert client.failures() == [] and len(client.statuses) >= 3, "\n".join(
+            [
+                f"{client.failures()} of {len(client.statuses)} requests; the head's log:",
+                on(GPU, f"journalctl -u {HEAD_UNIT} --since -20min --no-pager | tail -n 80"),
+            ]
+        )
+        results = host_results(output, "pi2")
+        drained = next(v for k, v in results.items() if k.endswith("Drain the head before the restart"))
+        assert drained["json"]["drained"] is True, drained
+        assert unit_started(PI2, WORKER_UNIT) != before
+        exec_start = on(PI2, f"systemctl show -p ExecStart --value {WORKER_UNIT}")
+        assert (expected in exec_start) if expected else exec_start == threads, exec_start
+        assert api("/health")[1]["draining"] is False
+    restarted = {
+        host.name for host in config.HOSTS if unit_started(host, service_of(host)) != started[host.name]
+    }
+    assert restarted == {"pi2"}
+    wait_healthy()
+
+    # A restart that fails still resumes the head, and then fails the run naming the unit.
+    dropin = f"/etc/systemd/system/{WORKER_UNIT}.d/zz-test-fails.conf"
+    on(
+        PI2,
+        f"mkdir -p {dropin.rsplit('/', 1)[0]} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {dropin}",
+    )
+    try:
+        rc, output = playbook_on(
+            tmp_path, "playbooks/deploy.yml", "--limit", "pi2", "-e", "rpc_worker_threads=1"
+        )
+        assert rc != 0
+        results = host_results(output, "pi2")
+        resumed = next(v for k, v in results.items() if k.endswith("Resume the head"))
+        assert resumed.get("skipped") is not True and resumed.get("failed") is not True, resumed
+        stopped = next(v for k, v in results.items() if k.endswith("Stop when the worker did not restart"))
+        assert " ".join(stopped["msg"].split()).startswith(f"{WORKER_UNIT} on pi2 did not restart"), stopped
+        assert api("/health")[1]["draining"] is False
+    finally:
+        on(PI2, f"rm -f {dropin}")
+    rc, output = playbook_on(tmp_path, "playbooks/deploy.yml", "--limit", "pi2")
+    assert rc == 0, output["stats"]
+    wait_healthy()
+
+
 def test_memory_limit_on_a_pi_needs_the_reboot_then_is_in_the_worker_unit(converged, tmp_path):
     """Last in this module: it reboots pi1 and restarts its worker."""
     from tests.cluster.hoststate import HostFiles
