@@ -5,6 +5,7 @@ host scrapes every host, the head and the workers, with data behind every dashbo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -639,17 +640,30 @@ def test_a_rolling_retune_goes_host_by_host_restarts_a_worker_behind_a_drain_and
     wait_healthy()
 
 
-@pytest.mark.timeout(1200)
-def test_a_retune_whose_worker_does_not_restart_resumes_the_head_and_stops_naming_it(converged, tmp_path):
-    """A re-tune that restarts pi2's worker (two threads: the test before left one), whose restart fails (an
-    ExecStartPre=/bin/false drop-in): the head drained for it is resumed all the same, and the run stops
-    naming the unit; a re-run of deploy.yml after the cause is gone brings the worker back."""
+@contextlib.contextmanager
+def pi2_worker_fails_to_start(tmp_path: Path):
+    """While the block runs, pi2's worker unit fails to start (an ExecStartPre=/bin/false drop-in); after it,
+    the drop-in is gone and a deploy.yml re-run for pi2 brings the worker back on the role's settings."""
     dropin = f"/etc/systemd/system/{WORKER_UNIT}.d/zz-test-fails.conf"
     on(
         PI2,
         f"mkdir -p {dropin.rsplit('/', 1)[0]} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {dropin}",
     )
     try:
+        yield
+    finally:
+        on(PI2, f"rm -f {dropin}")
+    rc, output = playbook_on(tmp_path, "playbooks/deploy.yml", "--limit", "pi2")
+    assert rc == 0, output["stats"]
+    wait_healthy()
+
+
+@pytest.mark.timeout(1200)
+def test_a_retune_whose_worker_does_not_restart_resumes_the_head_and_stops_naming_it(converged, tmp_path):
+    """A re-tune that restarts pi2's worker (two threads: the test before left one), whose restart fails (an
+    ExecStartPre=/bin/false drop-in): the head drained for it is resumed all the same, and the run stops
+    naming the unit; a re-run of deploy.yml after the cause is gone brings the worker back."""
+    with pi2_worker_fails_to_start(tmp_path):
         rc, output = retune(tmp_path, host_vars={"pi2": {"rpc_worker_threads": 2}})
         assert rc != 0
         results = host_results(output, "pi2")
@@ -660,11 +674,6 @@ def test_a_retune_whose_worker_does_not_restart_resumes_the_head_and_stops_namin
         assert "; the head is resumed." in message, message
         assert "pi3" not in retune_outcomes(output)
         assert api("/health")[1]["draining"] is False
-    finally:
-        on(PI2, f"rm -f {dropin}")
-    rc, output = playbook_on(tmp_path, "playbooks/deploy.yml", "--limit", "pi2")
-    assert rc == 0, output["stats"]
-    wait_healthy()
 
 
 @pytest.mark.timeout(1500)
@@ -702,12 +711,7 @@ def test_a_worker_restarted_by_a_rerun_drains_the_head_and_fails_no_request(conv
     wait_healthy()
 
     # A restart that fails still resumes the head, and then fails the run naming the unit.
-    dropin = f"/etc/systemd/system/{WORKER_UNIT}.d/zz-test-fails.conf"
-    on(
-        PI2,
-        f"mkdir -p {dropin.rsplit('/', 1)[0]} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {dropin}",
-    )
-    try:
+    with pi2_worker_fails_to_start(tmp_path):
         rc, output = playbook_on(
             tmp_path, "playbooks/deploy.yml", "--limit", "pi2", "-e", "rpc_worker_threads=1"
         )
@@ -718,11 +722,6 @@ def test_a_worker_restarted_by_a_rerun_drains_the_head_and_fails_no_request(conv
         stopped = next(v for k, v in results.items() if k.endswith("Stop when the worker did not restart"))
         assert " ".join(stopped["msg"].split()).startswith(f"{WORKER_UNIT} on pi2 did not restart"), stopped
         assert api("/health")[1]["draining"] is False
-    finally:
-        on(PI2, f"rm -f {dropin}")
-    rc, output = playbook_on(tmp_path, "playbooks/deploy.yml", "--limit", "pi2")
-    assert rc == 0, output["stats"]
-    wait_healthy()
 
 
 def test_memory_limit_on_a_pi_needs_the_reboot_then_is_in_the_worker_unit(converged, tmp_path):
