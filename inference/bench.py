@@ -306,12 +306,14 @@ def ensure_model(path: pathlib.Path | None, shape: str, quant: str) -> pathlib.P
 
 
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
-# --rpc-splits variants that set the expert split's wire types in the head's environment (patch 0006); the
-# plain split sends the hidden state as Q8_0 where that is exact and the partials as f32
+# --rpc-splits variants that set the head's environment: the expert split's wire types (patch 0006; the
+# plain split sends the hidden state as Q8_0 where that is exact and the partials as f32), and the blocking
+# copy of a split's inputs to an RPC device that patch 0007 replaced, to measure both in one build
 WIRE_VARIANTS = {
     "hidden-f32": {"LLAMA_EXPERT_SPLIT_HIDDEN_TYPE": "f32"},
     "partial-f16": {"LLAMA_EXPERT_SPLIT_PARTIAL_TYPE": "f16"},
     "partial-q8_0": {"LLAMA_EXPERT_SPLIT_PARTIAL_TYPE": "q8_0"},
+    "sync-inputs": {"GGML_SCHED_RPC_SYNC_INPUTS": "1"},
 }
 SPLIT_VARIANTS = ("", "no-repack", *WIRE_VARIANTS)
 
@@ -416,8 +418,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rpc-splits",
         default="layer,tensor",
         help="comma list of serve --split modes, each optionally with /no-repack (workers started with "
-        "--no-repack) or, for experts, /hidden-f32, /partial-f16 or /partial-q8_0 (the wire types of patch "
-        "0006), e.g. experts,experts/no-repack; empty for none",
+        "--no-repack), /sync-inputs (the blocking input copies that patch 0007 replaced) or, for experts, "
+        "/hidden-f32, /partial-f16 or /partial-q8_0 (the wire types of patch 0006), e.g. "
+        "experts,experts/no-repack; empty for none",
     )
     parser.add_argument("--rpc-workers", type=int, default=2, help="loopback RPC workers for the rpc runs")
     parser.add_argument("--rpc-worker-threads", type=int, default=1)

@@ -18,7 +18,8 @@
 # llama-bench on one Pi's cores, --repack 0 against 1. A split in $SPLITS may end in /no-repack (workers
 # started with --no-repack), e.g. SPLITS=experts,experts/no-repack; SPLITS= (empty) skips llama.cpp altogether
 # (build, model and benchmarks; REPACK=yes still builds it and writes its model). An expert split may also end
-# in /hidden-f32, /partial-f16 or /partial-q8_0 (the wire types of patch 0006, set in the head's environment).
+# in /hidden-f32, /partial-f16 or /partial-q8_0 (the wire types of patch 0006, set in the head's environment);
+# any split in /sync-inputs (the blocking input copies that patch 0007 replaced).
 # $CLIENTS (default 1,4) are the decoding runs' client counts; $BENCH_ARGS go to every bench as they are
 # (e.g. "--skip-local --rounds 2").
 #

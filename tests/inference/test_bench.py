@@ -77,6 +77,11 @@ def test_the_expert_split_s_wire_variants_set_the_head_s_environment(tmp_path):
     assert all(t.command[-2:] == ["--split", "experts"] for t in made)
     with pytest.raises(SystemExit):
         bench.parse_args([*argv, "--rpc-splits", "experts/partial-f8"])
+    # Patch 0007's switch back to the blocking input copies, for any split.
+    args = bench.parse_args([*argv, "--rpc-splits", "layer/sync-inputs"])
+    (made,) = [make() for _name, make in bench.targets(args, tmp_path / "m.gguf")]
+    assert made.env == {"CUDA_VISIBLE_DEVICES": "", "GGML_SCHED_RPC_SYNC_INPUTS": "1"}
+    assert made.command[-2:] == ["--split", "layer"]
 
 
 def test_bench_against_this_service_with_exact_prompts(tiny_model, tmp_path, monkeypatch, capsys):
