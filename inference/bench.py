@@ -276,6 +276,20 @@ def parse_cpu_sets(text: str | None, workers: int) -> list[str | None]:
     return sets
 
 
+def cpu_numbers(cpus: str) -> set[int]:
+    """A taskset CPU list, ``0-2,5``, as CPU numbers: {0, 1, 2, 5}. ValueError names a malformed list."""
+    numbers: set[int] = set()
+    for part in cpus.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            numbers.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ValueError(f"CPU list {cpus!r}: expected numbers and ranges such as 0-2,5") from None
+    if not numbers:
+        raise ValueError(f"CPU list {cpus!r} names no CPU")
+    return numbers
+
+
 def worker_command(port: int, threads: int, cpus: str | None, repack: bool = True) -> list[str]:
     cmd = [sys.executable, "-m", "inference", "worker", "--port", str(port), "--threads", str(threads)]
     if not repack:
@@ -443,6 +457,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="connect the head to the workers directly (no counts, no link)",
     )
     parser.add_argument(
+        "--relay-cpus",
+        choices=["bench", "worker"],
+        default="bench",
+        help="where each worker's relay process runs: bench, the CPUs this bench runs on (e.g. the head's "
+        "under taskset), or worker, its worker's --rpc-worker-cpus, so that the relays' threads do not take "
+        "turns with the head's compute threads",
+    )
+    parser.add_argument(
         "--link-delay-ms", type=float, default=0.0, help="one-way delay of each worker's link"
     )
     parser.add_argument("--link-rate-mbit", type=float, help="rate of each worker's link (e.g. 940 for a Pi)")
@@ -481,9 +503,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"optionally followed by one of /{', /'.join(v for v in SPLIT_VARIANTS if v)}"
             )
     try:
-        parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers)
+        for cpus in parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers):
+            if cpus:
+                try:
+                    cpu_numbers(cpus)
+                except ValueError as exc:
+                    raise ValueError(f"--rpc-worker-cpus: {exc}") from None
     except ValueError as exc:
         parser.error(str(exc))
+    if args.relay_cpus == "worker" and not args.rpc_worker_cpus:
+        parser.error("--relay-cpus worker runs each relay on its worker's CPUs: give --rpc-worker-cpus too")
     if args.prompt_tokens is not None and args.prompt_tokens < 1:
         parser.error(f"--prompt-tokens {args.prompt_tokens} must be at least 1")
     if (
@@ -554,7 +583,8 @@ def run(argv: list[str] | None = None) -> int:
                 delay, rate = (
                     (0.0, None) if args.link_after_load else (args.link_delay_ms, args.link_rate_mbit)
                 )
-                relay = ProcessRelay(("127.0.0.1", port), delay, rate).start()
+                relay_cpus = cpu_numbers(cpus) if cpus and args.relay_cpus == "worker" else None
+                relay = ProcessRelay(("127.0.0.1", port), delay, rate, relay_cpus).start()
                 relays.append(relay)
                 endpoints.append(relay.endpoint)
             time.sleep(2)
@@ -666,6 +696,7 @@ def print_table(results: list[Result], clients: list[int], model: pathlib.Path, 
             f"Emulated link: {args.link_rate_mbit or 'unlimited'} Mbit/s, {args.link_delay_ms} ms each way; a round "
             f"trip through its relay measured {args.link_round_trip_ms:.3f} ms (the model alone: "
             f"{2 * args.link_delay_ms:.3f} ms)"
+            + ("; each relay on its worker's CPUs" if args.relay_cpus == "worker" else "")
         )
     print()
     print(

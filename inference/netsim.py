@@ -9,7 +9,8 @@ unlike netem, and runs on loopback only.
 
 ``Relay`` runs in threads of the calling process; ``ProcessRelay`` runs the same relay in a process of its
 own, so that several relays (and the benchmark's clients) do not share one interpreter lock, which would
-add to every round trip of a busy link. ``set_link`` changes the link model on the fly, e.g. to load a
+add to every round trip of a busy link; it may be pinned to CPUs of its own choosing (``cpus``), e.g. its
+worker's, so that its threads do not take turns with the head's compute threads. ``set_link`` changes the link model on the fly, e.g. to load a
 model at loopback speed and then measure decoding over a Pi's link.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
 import socket
 import threading
@@ -243,7 +245,9 @@ class SharedStats(LinkStats):
         }
 
 
-def _relay_process(upstream, delay_ms, rate_mbit, counters, link, conn) -> None:
+def _relay_process(upstream, delay_ms, rate_mbit, counters, link, conn, cpus) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     relay = Relay(tuple(upstream), delay_ms, rate_mbit, stats=SharedStats(counters)).start()
     conn.send(relay.port)
     applied = (delay_ms, rate_mbit)
@@ -257,9 +261,18 @@ def _relay_process(upstream, delay_ms, rate_mbit, counters, link, conn) -> None:
 
 
 class ProcessRelay:
-    """A Relay in a process of its own, with the same interface: start, stop, port, endpoint, stats, set_link."""
+    """A Relay in a process of its own, with the same interface: start, stop, port, endpoint, stats, set_link.
 
-    def __init__(self, upstream: tuple[str, int], delay_ms: float = 0.0, rate_mbit: float | None = None):
+    ``cpus``: the CPU numbers the relay process runs on (``os.sched_setaffinity``); None keeps the caller's.
+    """
+
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        delay_ms: float = 0.0,
+        rate_mbit: float | None = None,
+        cpus: set[int] | None = None,
+    ):
         ctx = multiprocessing.get_context("spawn")
         self.upstream = upstream
         self._counters = ctx.Array("q", 4, lock=False)
@@ -268,7 +281,7 @@ class ProcessRelay:
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(
             target=_relay_process,
-            args=(upstream, delay_ms, rate_mbit, self._counters, self._link, child),
+            args=(upstream, delay_ms, rate_mbit, self._counters, self._link, child, cpus),
             daemon=True,
             name=f"relay-{upstream[1]}",
         )
@@ -282,6 +295,11 @@ class ProcessRelay:
             raise RuntimeError("the relay process did not start")
         self.port = self._conn.recv()
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The relay process's id once started."""
+        return self._process.pid
 
     def set_link(self, delay_ms: float = 0.0, rate_mbit: float | None = None) -> None:
         self._link[0], self._link[1] = delay_ms, rate_mbit or 0.0

@@ -21,7 +21,8 @@
 # in /hidden-f32, /partial-f16 or /partial-q8_0 (the wire types of patch 0006, set in the head's environment);
 # any split in /sync-inputs (the blocking input copies that patch 0007 replaced).
 # $CLIENTS (default 1,4) are the decoding runs' client counts; $BENCH_ARGS go to every bench as they are
-# (e.g. "--skip-local --rounds 2").
+# (e.g. "--skip-local --rounds 2", or "--relay-cpus worker" to run each relay on its worker's cores instead of
+# the head's, where the relays' threads take turns with the head's compute threads).
 #
 # DLLAMA=yes then also runs distributed-llama on the same cores and links (docs/cpu/dllama_bench.py): from
 # $CARRY/dllama-src.tar.gz (its sources, with a COMMIT file) it builds dllama with make, writes a random-weight
@@ -211,5 +212,5 @@ case "${1:-}" in
     tail -25 "$RES/progress.log"
     collect
     ;;
-  *) sed -n 2,31p "$0"; exit 2 ;;
+  *) sed -n 2,33p "$0"; exit 2 ;;
 esac

@@ -55,6 +55,23 @@ def test_worker_cpu_sets_parse_one_list_per_worker():
     assert bench.parse_cpu_sets(None, 3) == [None, None, None]
     with pytest.raises(ValueError, match="needs 4"):
         bench.parse_cpu_sets("0-3:4-7", 4)
+    assert bench.cpu_numbers("0-2,5") == {0, 1, 2, 5}
+    with pytest.raises(ValueError, match="'0-x'"):
+        bench.cpu_numbers("0-x")
+
+
+def test_relays_on_the_workers_cpus_need_the_workers_cpu_lists(capsys):
+    argv = ["--skip-llama-cpp-python", "--skip-local", "--rpc-splits", "experts", "--rpc-workers", "2"]
+    assert (
+        bench.parse_args([*argv, "--rpc-worker-cpus", "0:1", "--relay-cpus", "worker"]).relay_cpus == "worker"
+    )
+    assert bench.parse_args(argv).relay_cpus == "bench"
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv, "--relay-cpus", "worker"])
+    assert "give --rpc-worker-cpus too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv, "--rpc-worker-cpus", "0:a"])
+    assert "--rpc-worker-cpus: CPU list 'a'" in capsys.readouterr().err
 
 
 def test_pinned_workers_start_under_taskset():

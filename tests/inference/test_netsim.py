@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -144,3 +145,17 @@ def test_a_sub_millisecond_link_delay_stays_sub_millisecond():
     # A Pi's link: 0.15 ms each way. Timers that round up to whole milliseconds made each round trip take
     # 2-3 ms, which swamped the expert split's one round trip a layer and worker.
     assert median_round_trip(delay_ms=0.15, pings=100) < 0.0015
+
+
+def test_a_process_relay_runs_on_the_cpus_it_is_given():
+    cpu = min(os.sched_getaffinity(0))
+    server, port = _echo_server()
+    relay = ProcessRelay(("127.0.0.1", port), cpus={cpu}).start()
+    try:
+        assert os.sched_getaffinity(relay.pid) == {cpu}
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            _pinger(sock)(b"z" * 100)
+        assert relay.stats.snapshot()["to_head"] == 100
+    finally:
+        relay.stop()
+        server.close()
