@@ -36,9 +36,11 @@ IMAGE_PACKAGES = (
     "iputils-ping",
     # llama-cpp-python's shared libraries link against OpenMP.
     "libgomp1",
-    # The monitoring role's packages (every host's exporter, Prometheus on the monitoring host).
+    # The monitoring role's packages (every host's exporter, Prometheus and Alertmanager on the monitoring
+    # host).
     "prometheus-node-exporter",
     "prometheus",
+    "prometheus-alertmanager",
 )
 
 # Services a package enables when it is installed, disabled again in the image: a factory-new host has none
@@ -46,6 +48,7 @@ IMAGE_PACKAGES = (
 DISABLED_UNITS = (
     "prometheus.service",
     "prometheus-node-exporter.service",
+    "prometheus-alertmanager.service",
 )
 
 # Units that only slow a test boot down or start work no test wants (timers, a console login).

@@ -53,6 +53,7 @@ def site_vars() -> dict:
         "inference_head_degrade_target_ms_per_token": 80,
         "inference_head_degrade_window": 20,
         "monitoring_alert_for": "30s",
+        "monitoring_alertmanager": True,
     }
     probe = subprocess.run(
         [str(SYSTEM_PYTHON), "-c", "import setuptools, wheel"], capture_output=True, check=False
@@ -332,8 +333,8 @@ def test_every_dashboard_query_returns_data(converged):
     assert not empty, f"no data for {empty}"
 
 
-@pytest.mark.parametrize(("port", "host"), [(9100, PI1), (9181, PI1), (9090, GPU)])
-def test_metrics_and_prometheus_ports_answer_the_monitoring_host_and_are_dropped_for_others(
+@pytest.mark.parametrize(("port", "host"), [(9100, PI1), (9181, PI1), (9090, GPU), (9093, GPU)])
+def test_metrics_prometheus_and_alertmanager_ports_answer_the_monitoring_host_and_are_dropped_for_others(
     converged, port, host
 ):
     probe = f"import socket; socket.create_connection(('{host.address}', {port}), 3)"
@@ -341,6 +342,20 @@ def test_metrics_and_prometheus_ports_answer_the_monitoring_host_and_are_dropped
     assert result.returncode != 0 and "timed out" in result.stderr
     if host is not GPU:
         on(GPU, f'python3 -c "{probe}"')
+
+
+def test_alertmanager_takes_prometheus_s_alerts_on_its_port_without_a_gossip_listener(converged):
+    found = wait_for(
+        "Prometheus to find its Alertmanager",
+        lambda: prometheus("/api/v1/alertmanagers")["activeAlertmanagers"],
+        120,
+    )
+    assert [a["url"] for a in found] == ["http://localhost:9093/api/v2/alerts"]
+    # Every socket Alertmanager listens on: its web port alone, no cluster gossip (Debian's default 9094).
+    pid = on(GPU, "systemctl show -p MainPID --value prometheus-alertmanager").strip()
+    listening = on(GPU, "ss -Hltunp")
+    ports = {line.split()[4].rsplit(":", 1)[1] for line in listening.splitlines() if f"pid={pid}," in line}
+    assert ports == {"9093"}, listening
 
 
 def alert_state(name: str) -> str:

@@ -148,6 +148,17 @@ def test_the_node_exporter_and_prometheus_are_open_to_the_monitoring_host_and_it
     assert "elements" not in clients[: clients.index("}") + 1]  # [] by default: its own host alone
 
 
+def test_alertmanager_is_guarded_beside_prometheus_when_the_monitoring_role_runs_it(rendered):
+    head = (rendered / "gpu1-tuned" / "llmfleet.nft").read_text()
+    assert "tcp dport 9093 ip saddr @alertmanager_clients_v4 accept" in head
+    assert 'tcp dport 9093 counter drop comment "alertmanager_clients: anyone else"' in head
+    clients = head[head.index("set alertmanager_clients_v4") :]
+    assert "elements = { 192.0.2.0/24 }" in clients[: clients.index("}") + 1]
+    # Off by default (gpu1), and never on a host without Prometheus.
+    for host in ("gpu1", "pi1", "pi1-tuned"):
+        assert "9093" not in (rendered / host / "llmfleet.nft").read_text(), host
+
+
 def test_a_worker_metrics_port_is_open_to_the_metrics_clients_alone(rendered):
     text = (rendered / "pi1-tuned" / "llmfleet.nft").read_text()
     assert "tcp dport 50053 ip saddr @metrics_clients_v4 accept" in text

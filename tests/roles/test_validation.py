@@ -74,6 +74,11 @@ CASES = {
         {"firewall_manage_api": True, "firewall_api_allowed_cidrs": ["10.0.0.0/24", "everyone"]},
         ["firewall_api_allowed_cidrs has ['everyone']"],
     ),
+    "firewall_alertmanager_client_not_an_address": (
+        "firewall",
+        {"monitoring_alertmanager": True, "firewall_alertmanager_allowed_cidrs": ["monitoring.example"]},
+        ["firewall_alertmanager_allowed_cidrs has ['monitoring.example']"],
+    ),
     "package_isolation_unknown": (
         "inference_package",
         {"inference_package_build_isolation": "sometimes"},
