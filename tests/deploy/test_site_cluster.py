@@ -54,6 +54,7 @@ def site_vars() -> dict:
         "inference_head_degrade_window": 20,
         "monitoring_alert_for": "30s",
         "monitoring_alertmanager": True,
+        "monitoring_alertmanager_args": ["--data.retention=240h"],
     }
     probe = subprocess.run(
         [str(SYSTEM_PYTHON), "-c", "import setuptools, wheel"], capture_output=True, check=False
@@ -356,6 +357,11 @@ def test_alertmanager_takes_prometheus_s_alerts_on_its_port_without_a_gossip_lis
     listening = on(GPU, "ss -Hltunp")
     ports = {line.split()[4].rsplit(":", 1)[1] for line in listening.splitlines() if f"pid={pid}," in line}
     assert ports == {"9093"}, listening
+    # The site's flags reach it, and the package's own defaults file is kept beside the role's as a backup.
+    assert "--data.retention=240h" in on(GPU, f"tr '\\0' ' ' < /proc/{pid}/cmdline").split()
+    backups = on(GPU, "ls /etc/default/ | grep '^prometheus-alertmanager\\..*~$'").split()
+    assert len(backups) == 1, backups
+    assert 'ARGS=""' in on(GPU, f"cat /etc/default/{backups[0]}").splitlines()
 
 
 def alert_state(name: str) -> str:

@@ -79,6 +79,14 @@ CASES = {
         {"monitoring_alertmanager": True, "firewall_alertmanager_allowed_cidrs": ["monitoring.example"]},
         ["firewall_alertmanager_allowed_cidrs has ['monitoring.example']"],
     ),
+    "alertmanager_args_not_flags": (
+        "monitoring",
+        {
+            "monitoring_alertmanager": True,
+            "monitoring_alertmanager_args": ["--log.level=debug", "--web.external-url=http://a b"],
+        },
+        ["monitoring_alertmanager_args has ['--web.external-url=http://a b']", "one an element"],
+    ),
     "package_isolation_unknown": (
         "inference_package",
         {"inference_package_build_isolation": "sometimes"},
