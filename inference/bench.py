@@ -267,26 +267,38 @@ def start(target: Target, log_dir: pathlib.Path) -> subprocess.Popen:
 
 
 def parse_cpu_sets(text: str | None, workers: int) -> list[str | None]:
-    """``0-3:4-7`` -> one taskset CPU list per worker (colon-separated, as CPU lists hold commas)."""
+    """``0-3:4-7`` -> one taskset CPU list per worker (colon-separated, as CPU lists hold commas); ValueError
+    names a wrong count or a malformed list."""
     if not text:
         return [None] * workers
     sets = [s.strip() for s in text.split(":")]
     if len(sets) != workers or not all(sets):
         raise ValueError(f"--rpc-worker-cpus {text!r} needs {workers} non-empty CPU lists separated by ':'")
+    for cpus in sets:
+        try:
+            cpu_numbers(cpus)
+        except ValueError as exc:
+            raise ValueError(f"--rpc-worker-cpus: {exc}") from None
     return sets
 
 
 def cpu_numbers(cpus: str) -> set[int]:
-    """A taskset CPU list, ``0-2,5``, as CPU numbers: {0, 1, 2, 5}. ValueError names a malformed list."""
+    """A taskset CPU list, ``0-2,5``, as CPU numbers: {0, 1, 2, 5}. ValueError names a malformed list.
+
+    The same syntax as module_utils/llmfleet_sysfs.parse_cpu_list, which this package cannot import (it is an
+    Ansible module utility, not part of the inference wheel)."""
     numbers: set[int] = set()
     for part in cpus.split(","):
         first, _, last = part.strip().partition("-")
         try:
-            numbers.update(range(int(first), int(last or first) + 1))
+            start, stop = int(first), int(last or first)
         except ValueError:
             raise ValueError(f"CPU list {cpus!r}: expected numbers and ranges such as 0-2,5") from None
-    if not numbers:
-        raise ValueError(f"CPU list {cpus!r} names no CPU")
+        if stop < start:
+            raise ValueError(
+                f"CPU list {cpus!r} has the range {part.strip()!r} going down; expected low-high"
+            )
+        numbers.update(range(start, stop + 1))
     return numbers
 
 
@@ -503,12 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"optionally followed by one of /{', /'.join(v for v in SPLIT_VARIANTS if v)}"
             )
     try:
-        for cpus in parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers):
-            if cpus:
-                try:
-                    cpu_numbers(cpus)
-                except ValueError as exc:
-                    raise ValueError(f"--rpc-worker-cpus: {exc}") from None
+        parse_cpu_sets(args.rpc_worker_cpus, args.rpc_workers)
     except ValueError as exc:
         parser.error(str(exc))
     if args.relay_cpus == "worker" and not args.rpc_worker_cpus:

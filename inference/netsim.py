@@ -10,8 +10,8 @@ unlike netem, and runs on loopback only.
 ``Relay`` runs in threads of the calling process; ``ProcessRelay`` runs the same relay in a process of its
 own, so that several relays (and the benchmark's clients) do not share one interpreter lock, which would
 add to every round trip of a busy link; it may be pinned to CPUs of its own choosing (``cpus``), e.g. its
-worker's, so that its threads do not take turns with the head's compute threads. ``set_link`` changes the link model on the fly, e.g. to load a
-model at loopback speed and then measure decoding over a Pi's link.
+worker's, so that its threads do not take turns with the head's compute threads. ``set_link`` changes the
+link model on the fly, e.g. to load a model at loopback speed and then measure decoding over a Pi's link.
 """
 
 from __future__ import annotations

@@ -58,6 +58,10 @@ def test_worker_cpu_sets_parse_one_list_per_worker():
     assert bench.cpu_numbers("0-2,5") == {0, 1, 2, 5}
     with pytest.raises(ValueError, match="'0-x'"):
         bench.cpu_numbers("0-x")
+    with pytest.raises(ValueError, match="'5-2' going down"):
+        bench.cpu_numbers("0,5-2")
+    with pytest.raises(ValueError, match="--rpc-worker-cpus: CPU list '4-y'"):
+        bench.parse_cpu_sets("0-3:4-y", 2)
 
 
 def test_relays_on_the_workers_cpus_need_the_workers_cpu_lists(capsys):
