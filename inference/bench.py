@@ -473,8 +473,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["bench", "worker"],
         default="bench",
         help="where each worker's relay process runs: bench, the CPUs this bench runs on (e.g. the head's "
-        "under taskset), or worker, its worker's --rpc-worker-cpus, so that the relays' threads do not take "
-        "turns with the head's compute threads",
+        "under taskset), or worker, its worker's --rpc-worker-cpus, where it waits on the worker's spinning "
+        "compute threads instead of the head's (slower with a CPU head in docs/benchmarks.md)",
     )
     parser.add_argument(
         "--link-delay-ms", type=float, default=0.0, help="one-way delay of each worker's link"

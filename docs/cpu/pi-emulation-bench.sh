@@ -22,7 +22,7 @@
 # any split in /sync-inputs (the blocking input copies that patch 0007 replaced).
 # $CLIENTS (default 1,4) are the decoding runs' client counts; $BENCH_ARGS go to every bench as they are
 # (e.g. "--skip-local --rounds 2", or "--relay-cpus worker" to run each relay on its worker's cores instead of
-# the head's, where the relays' threads take turns with the head's compute threads).
+# the head's; with a CPU head that measured slower, the relays then waiting on the workers' compute threads).
 #
 # DLLAMA=yes then also runs distributed-llama on the same cores and links (docs/cpu/dllama_bench.py): from
 # $CARRY/dllama-src.tar.gz (its sources, with a COMMIT file) it builds dllama with make, writes a random-weight
