@@ -55,6 +55,7 @@ def site_vars() -> dict:
         "monitoring_alert_for": "30s",
         "monitoring_alertmanager": True,
         "monitoring_alertmanager_args": ["--data.retention=240h"],
+        "monitoring_prometheus_args": ["--storage.tsdb.retention.time=15d"],
     }
     probe = subprocess.run(
         [str(SYSTEM_PYTHON), "-c", "import setuptools, wheel"], capture_output=True, check=False
@@ -313,6 +314,9 @@ def test_prometheus_scrapes_every_host_the_head_and_each_worker(converged):
     groups = prometheus("/api/v1/rules")["groups"]
     alerts = {rule["name"] for group in groups for rule in group["rules"] if rule["type"] == "alerting"}
     assert {"LlmfleetTokenLatencyHigh", "LlmfleetWorkerDown", "LlmfleetHostMemoryHigh"} <= alerts
+    # The site's flag reached Prometheus through /etc/default/prometheus, beside the role's port.
+    flags = prometheus("/api/v1/status/flags")
+    assert (flags["web.listen-address"], flags["storage.tsdb.retention.time"]) == (":9090", "15d")
 
 
 def test_every_dashboard_query_returns_data(converged):

@@ -87,6 +87,16 @@ CASES = {
         },
         ["monitoring_alertmanager_args has ['--web.external-url=http://a b']", "one an element"],
     ),
+    "prometheus_args_not_flags": (
+        "monitoring",
+        {"monitoring_prometheus_args": ["--storage.tsdb.retention.time=30d", "--web.enable-admin-api yes"]},
+        ["monitoring_prometheus_args has ['--web.enable-admin-api yes']", "one an element"],
+    ),
+    "node_exporter_args_not_flags": (
+        "monitoring",
+        {"monitoring_node_exporter_args": ["collector.systemd"]},
+        ["monitoring_node_exporter_args has ['collector.systemd']", "--name=value"],
+    ),
     "package_isolation_unknown": (
         "inference_package",
         {"inference_package_build_isolation": "sometimes"},

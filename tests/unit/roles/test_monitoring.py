@@ -108,6 +108,16 @@ def test_alertmanager_is_off_by_default_and_gets_the_alerts_when_on(defaults, tm
     assert alerting == {"alertmanagers": [{"static_configs": [{"targets": ["localhost:9393"]}]}]}
 
 
+def test_the_ports_set_for_prometheus_and_the_node_exporters_are_the_targets(tmp_path):
+    rendered = render(tmp_path / "ports", monitoring_prometheus_port=9095, monitoring_node_exporter_port=9110)
+    jobs = {
+        job["job_name"]: job["static_configs"]
+        for job in yaml.safe_load((rendered / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    assert jobs["prometheus"] == [{"targets": ["localhost:9095"]}]
+    assert {target.rsplit(":", 1)[1] for c in jobs["node"] for target in c["targets"]} == {"9110"}
+
+
 def test_workers_with_a_metrics_port_are_scraped(tmp_path):
     rendered = render(tmp_path / "workers", rpc_worker_metrics_port=50053)
     config = promtool("check", "config", "prometheus.yml", cwd=rendered)
