@@ -22,7 +22,7 @@ from tests.cluster import cluster, config, ssh  # noqa: E402  (only once the har
 
 INVENTORY = REPO / "inventory/local/hosts.yml"
 PACKAGES = ["prometheus", "prometheus-alertmanager", "prometheus-node-exporter"]
-BARE = [config.host_by_name(name) for name in ("pi1", "gpu1")]  # the monitoring host and a worker
+BARE = [config.host_by_name(name) for name in ("pi1", "gpu1")]  # a worker and the monitoring host
 STATE = (
     "dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n' " + " ".join(PACKAGES) + " 2>&1; "
     "ls -la /etc/default /etc/prometheus 2>&1; "
