@@ -11,7 +11,7 @@ LLAMA_CPP_PYTHON_VERSION := 0.3.36
 # each patch says what and why), marked with a local version label so that a mixed cluster is told apart by
 # name. Change the label whenever the series changes; pyproject.toml, the inference_package role and the
 # cluster harness name the same version (a unit test checks).
-LLAMA_CPP_PYTHON_BUILD := $(LLAMA_CPP_PYTHON_VERSION)+llmfleet.7
+LLAMA_CPP_PYTHON_BUILD := $(LLAMA_CPP_PYTHON_VERSION)+llmfleet.8
 # The RPC backend is off in llama-cpp-python's default build; every host needs the same build so that the
 # RPC protocol versions match. The wheelhouse outlives clones so the build happens once per machine.
 LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on

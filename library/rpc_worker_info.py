@@ -50,7 +50,7 @@ options:
     description:
       - RPC protocol minor version the head speaks; a worker with a newer minor version fails, an older one
         passes, as ggml's client decides.
-      - The default is the version of llmfleet's patched llama-cpp-python build (0.3.36+llmfleet.7, whose
+      - The default is the version of llmfleet's patched llama-cpp-python build (0.3.36+llmfleet.8, whose
         graph cache by uid made it 7.1).
     type: int
     default: 1

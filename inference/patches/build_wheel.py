@@ -1,6 +1,6 @@
 """Build the llama-cpp-python wheel every host runs: the PyPI sdist, our llama.cpp patch series, the RPC backend.
 
-    python inference/patches/build_wheel.py --version 0.3.36+llmfleet.7 --out DIR [--cmake-args="-DGGML_RPC=on"]
+    python inference/patches/build_wheel.py --version 0.3.36+llmfleet.8 --out DIR [--cmake-args="-DGGML_RPC=on"]
 
 Downloads the sdist of the public version (``0.3.36``) with pip, applies the patches listed in
 ``llama.cpp/series`` beside this file in order (``patch -p1`` from the sdist's root; each patch's header says
@@ -39,11 +39,11 @@ def series(directory: pathlib.Path = PATCHES) -> list[pathlib.Path]:
 
 
 def label(version: str) -> tuple[str, str]:
-    """``0.3.36+llmfleet.7`` -> (``0.3.36``, ``llmfleet.7``)."""
+    """``0.3.36+llmfleet.8`` -> (``0.3.36``, ``llmfleet.8``)."""
     public, _, local = version.partition("+")
     if not re.fullmatch(r"\d+(\.\d+)*", public) or not re.fullmatch(r"[a-z0-9]+(\.[a-z0-9]+)*", local):
         raise SystemExit(
-            f"--version {version!r} must look like 0.3.36+llmfleet.7 (a public version, a label)"
+            f"--version {version!r} must look like 0.3.36+llmfleet.8 (a public version, a label)"
         )
     return public, local
 
@@ -105,7 +105,7 @@ def build(version: str, out: pathlib.Path, cmake_args: str) -> pathlib.Path:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--version", required=True, help="full version with its local label, e.g. 0.3.36+llmfleet.7"
+        "--version", required=True, help="full version with its local label, e.g. 0.3.36+llmfleet.8"
     )
     parser.add_argument("--out", required=True, type=pathlib.Path, help="directory to put the wheel in")
     parser.add_argument(

@@ -37,7 +37,7 @@ CONTROLLER_PACKAGES = (
 # Wheels built on the controller, bind-mounted read-only into every host at HOST_WHEELHOUSE.
 WHEELHOUSE_ROOT = Path.home() / ".cache" / "llmfleet" / "wheelhouse"
 # The patched build (Makefile's LLAMA_CPP_PYTHON_BUILD): the public version with our local label.
-LLAMA_CPP_PYTHON_VERSION = "0.3.36+llmfleet.7"
+LLAMA_CPP_PYTHON_VERSION = "0.3.36+llmfleet.8"
 LLAMA_WHEEL_DIR = WHEELHOUSE_ROOT / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}-rpc"
 HOST_WHEELHOUSE = "/opt/llmfleet/wheelhouse"
 

@@ -4,6 +4,7 @@ RPC worker. Its logits must equal a local load's up to float summation order, an
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from inference import reshard
 from inference.config import ServeConfig
 from inference.engine import Engine, SamplingParams
+from inference.netsim import Relay
 from inference.synth import SHAPES, synth_model
 from tests.ansiblerun import REPO
 from tests.inference.conftest import Server, Worker
@@ -59,20 +61,34 @@ def logits_of_greedy_run(config: ServeConfig, prompt: list[int], steps: int, for
     return numpy.array(rows), tokens
 
 
-def _run_apart(config: ServeConfig, prompt, steps, forced, out: Path):
+def head_gpu_stand_in(endpoint: str) -> None:
+    """Make the head take the RPC worker at ``endpoint`` for its GPU: the dense part of an expert split then
+    sits on a device outside host memory that fetches asynchronously, as a GPU does, so the scheduler's path
+    for a GPU head's inputs runs on a machine without one."""
+    from inference import ggml
+
+    handles = ggml.add_rpc_server_handles(endpoint)
+    Engine._local_gpus = lambda self: list(handles)
+
+
+def _run_apart(config: ServeConfig, prompt, steps, forced, out: Path, env=None, gpu_stand_in=None):
+    """logits_of_greedy_run in a process of its own, with ``env`` (None: this one's) and, if given, the RPC
+    worker ``gpu_stand_in`` as the head's GPU."""
     import numpy
 
     code = (
         "import json, pickle, sys, numpy\n"
-        "from tests.inference.test_expert_split import logits_of_greedy_run\n"
-        "config, prompt, steps, forced, out = pickle.loads(bytes.fromhex(sys.argv[1]))\n"
+        "from tests.inference.test_expert_split import head_gpu_stand_in, logits_of_greedy_run\n"
+        "config, prompt, steps, forced, out, gpu = pickle.loads(bytes.fromhex(sys.argv[1]))\n"
+        "if gpu:\n"
+        "    head_gpu_stand_in(gpu)\n"
         "rows, tokens = logits_of_greedy_run(config, prompt, steps, forced)\n"
         "numpy.save(out + '.npy', rows)\n"
         "open(out + '.json', 'w').write(json.dumps(tokens))\n"
     )
-    argument = pickle.dumps((config, prompt, steps, forced, str(out))).hex()
+    argument = pickle.dumps((config, prompt, steps, forced, str(out), gpu_stand_in)).hex()
     result = subprocess.run(
-        [sys.executable, "-c", code, argument], cwd=REPO, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code, argument], cwd=REPO, capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return numpy.load(f"{out}.npy"), json.loads(Path(f"{out}.json").read_text())
@@ -137,6 +153,46 @@ def test_the_service_serves_the_expert_split_with_the_local_greedy_text(models, 
     assert body["choices"][0]["text"] == reference["choices"][0]["text"]
     # The resharded model is cached by the source's digest and the worker count.
     assert len(list((tmp_path / "sharded").glob("*.gguf"))) == 1
+
+
+def test_a_gpu_heads_workers_share_each_fetch_of_their_inputs(models, tmp_path, procs):
+    # With a GPU head every worker's slice reads the same three tensors from the GPU each layer (the hidden
+    # state, the expert choice and weights). Patch 0008 fetches each once a layer for all the workers, not
+    # once a worker; GGML_SCHED_NO_STAGED_REUSE=1 fetches them per worker as before, so the two runs must give
+    # the same logits, bit for bit, and the head's device must send about a quarter of those bytes. An RPC
+    # worker stands in for the GPU (this machine has none), behind a relay that counts what it sends.
+    import numpy
+
+    prompt = [5, 17, 300, 42, 7]
+    nodes = [procs(Worker, tmp_path) for _ in range(4)]
+    gpu = procs(Worker, tmp_path)
+    relay = Relay(("127.0.0.1", gpu.port)).start()
+    try:
+        split = _config(models["q8_0"], tmp_path, [w.endpoint for w in nodes], "experts")
+        sent, round_trips, logits = {}, {}, {}
+        for name, env in (("per worker", {"GGML_SCHED_NO_STAGED_REUSE": "1"}), ("shared", {})):
+            before = relay.stats.snapshot()
+            logits[name], _ = _run_apart(
+                split,
+                prompt,
+                STEPS,
+                None,
+                tmp_path / name.replace(" ", "-"),
+                dict(os.environ, **env),
+                relay.endpoint,
+            )
+            after = relay.stats.snapshot()
+            sent[name] = after["to_head"] - before["to_head"]
+            round_trips[name] = after["round_trips"] - before["round_trips"]
+    finally:
+        relay.stop()
+    # The same computation: the same floats.
+    assert numpy.array_equal(logits["shared"], logits["per worker"])
+    # The per-worker run sends each layer's three inputs four times; the shared run once. The rest of what
+    # the stand-in sends (the logits, the load's replies) is the same in both runs.
+    assert sent["shared"] < 0.8 * sent["per worker"], sent
+    # ... in one round trip a layer instead of four.
+    assert round_trips["shared"] < 0.5 * round_trips["per worker"], round_trips
 
 
 def test_expert_split_needs_rpc_workers(models):
