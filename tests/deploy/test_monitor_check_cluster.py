@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.ansiblerun import BIN, REPO, run_json
+from tests.ansiblerun import BIN, REPO, host_results, run_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -67,16 +67,6 @@ def checked(local_cluster, tmp_path_factory):
         cluster.up()
 
 
-def reported(output: dict, host: str) -> dict[str, dict]:
-    """Task name -> this host's result, for the tasks that ran on it."""
-    return {
-        task["task"]["name"]: task["hosts"][host]
-        for play in output["plays"]
-        for task in play["tasks"]
-        if host in task["hosts"]
-    }
-
-
 def test_check_mode_succeeds_on_hosts_with_and_without_the_packages(checked):
     rc, output, _, _ = checked
     assert rc == 0, json.dumps(output["stats"])
@@ -86,12 +76,12 @@ def test_check_mode_succeeds_on_hosts_with_and_without_the_packages(checked):
 
 def test_the_packages_it_would_install_are_reported_and_their_configuration_left_for_the_real_run(checked):
     _, output, before, after = checked
-    head = reported(output, "gpu1")
+    head = host_results(output, "gpu1")
     for task in ("Install the node exporter", "Install Prometheus", "Install Alertmanager"):
         assert head[f"monitoring : {task}"].get("changed"), (task, head[f"monitoring : {task}"])
     for task in ("Make Prometheus listen on its port", "Write the scrape configuration", "Run Prometheus"):
         assert head[f"monitoring : {task}"].get("skipped"), (task, head[f"monitoring : {task}"])
-    worker = reported(output, "pi1")
+    worker = host_results(output, "pi1")
     assert worker["monitoring : Install the node exporter"].get("changed")
     assert worker["monitoring : Run the node exporter"].get("skipped")
     for host in BARE:
@@ -103,7 +93,7 @@ def test_the_packages_it_would_install_are_reported_and_their_configuration_left
 def test_hosts_that_have_the_packages_get_their_configuration_checked(checked):
     _, output, _, _ = checked
     # pi2 keeps the image's packages: the check compares the role's defaults file with the package's.
-    results = reported(output, "pi2")
+    results = host_results(output, "pi2")
     listen = results["monitoring : Make the node exporter listen on its port"]
     assert listen.get("changed") and "--web.listen-address=:9100" in listen["diff"][0]["after"], listen
     assert not results["monitoring : Run the node exporter"].get("skipped")
