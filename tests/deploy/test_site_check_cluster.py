@@ -25,7 +25,7 @@ INVENTORY = REPO / "inventory/local/hosts.yml"
 HOSTS = [config.host_by_name(name) for name in ("pi1", "gpu1")]  # a worker and the head
 # What a deployment leaves on a host, read the way an operator would look.
 STATE = (
-    "ls -la /opt/llmfleet /etc/llmfleet /var/lib/llmfleet /etc/nftables.d 2>&1; "
+    "ls -la /opt/llmfleet /opt/llmfleet/venv /etc/llmfleet /var/lib/llmfleet /etc/nftables.d 2>&1; "
     "cat /etc/nftables.conf 2>&1; nft list tables 2>&1; "
     "systemctl list-units --all --no-legend --plain 'llmfleet*' 'prometheus*'; "
     "getent passwd | cut -d: -f1 | sort"
@@ -90,6 +90,6 @@ def test_it_reports_what_the_first_run_would_install_and_start(checked):
 def test_it_changes_nothing_on_the_hosts(checked):
     _, _, before, after = checked
     for host in HOSTS:
-        # ... which were bare before: no installation, no llmfleet unit.
-        assert "cannot access '/opt/llmfleet'" in before[host.name], before[host.name]
+        # ... which had nothing installed before (the harness leaves only the hosts' wheelhouse in /opt/llmfleet).
+        assert "cannot access '/opt/llmfleet/venv'" in before[host.name], before[host.name]
         assert after[host.name] == before[host.name], f"{host.name} changed under --check"
