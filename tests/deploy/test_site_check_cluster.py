@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.ansiblerun import BIN, REPO, host_results, run_json
+from tests.ansiblerun import host_results
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -19,9 +19,8 @@ cluster_conftest = pytest.importorskip(
 local_cluster = cluster_conftest.local_cluster
 
 from tests.cluster import cluster, config, ssh, wheelhouse  # noqa: E402  (only once the harness is here)
-from tests.deploy.test_site_cluster import site_vars  # noqa: E402
+from tests.deploy.test_site_cluster import site_run  # noqa: E402
 
-INVENTORY = REPO / "inventory/local/hosts.yml"
 HOSTS = [config.host_by_name(name) for name in ("pi1", "gpu1")]  # a worker and the head
 # What a deployment leaves on a host, read the way an operator would look.
 STATE = (
@@ -45,24 +44,7 @@ def checked(local_cluster, tmp_path_factory):
     cluster.down()
     cluster.up()
     before = {host.name: read_state(host) for host in HOSTS}
-    tmp = tmp_path_factory.mktemp("site-check")
-    vars_file = tmp / "site-vars.json"
-    vars_file.write_text(json.dumps(site_vars()))
-    rc, output = run_json(
-        tmp,
-        [
-            str(BIN / "ansible-playbook"),
-            "-i",
-            str(INVENTORY),
-            "-e",
-            f"@{vars_file}",
-            "playbooks/site.yml",
-            "--check",
-            "--diff",
-        ],
-        timeout=1800,
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-    )
+    rc, output = site_run(tmp_path_factory.mktemp("site-check"), "--check", "--diff", timeout=1800)
     after = {host.name: read_state(host) for host in HOSTS}
     return rc, output, before, after
 

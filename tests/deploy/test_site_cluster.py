@@ -67,9 +67,14 @@ def site_vars() -> dict:
 
 
 def site(tmp_path: Path, *args: str) -> dict:
+    return site_run(tmp_path, *args)[1]
+
+
+def site_run(tmp_path: Path, *args: str, timeout: float = 3600) -> tuple[int, dict]:
+    """playbooks/site.yml on the local cluster with site_vars() and ``args``: (exit status, JSON output)."""
     vars_file = tmp_path / "site-vars.json"
     vars_file.write_text(json.dumps(site_vars()))
-    _, output = run_json(
+    return run_json(
         tmp_path,
         [
             str(BIN / "ansible-playbook"),
@@ -80,10 +85,9 @@ def site(tmp_path: Path, *args: str) -> dict:
             "playbooks/site.yml",
             *args,
         ],
-        timeout=3600,
+        timeout=timeout,
         ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
     )
-    return output
 
 
 def totals(output: dict) -> dict[str, dict]:
