@@ -77,7 +77,9 @@ def _run_apart(config: ServeConfig, prompt, steps, forced, out: Path, env=None, 
     import numpy
 
     code = (
-        "import json, pickle, sys, numpy\n"
+        # llama.cpp's libraries before numpy's, as in Engine: on the GPU machines numpy imported first (2.5,
+        # built by GCC 14) made the model loader of llama.cpp (built by GCC 13) crash
+        "import llama_cpp, json, pickle, sys, numpy\n"
         "from tests.inference.test_expert_split import head_gpu_stand_in, logits_of_greedy_run\n"
         "config, prompt, steps, forced, out, gpu = pickle.loads(bytes.fromhex(sys.argv[1]))\n"
         "if gpu:\n"
