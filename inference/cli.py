@@ -74,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_alias=args.alias,
         rpc_timeout=args.rpc_timeout,
         sharded_cache_dir=args.sharded_cache_dir,
+        experts_partial_type=args.experts_partial_type,
         worker_probe_interval=args.worker_probe_interval,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
@@ -244,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where --split experts keeps the resharded model, keyed by the source's digest and the worker "
         f"count (default {config_module.DEFAULT_SHARDED_CACHE})",
+    )
+    s.add_argument(
+        "--experts-partial-type",
+        default="f32",
+        choices=config_module.EXPERTS_PARTIAL_TYPES,
+        help="--split experts: the type each worker's sum of a layer's expert slices comes back in; f32 is "
+        "exact, f16 and q8_0 send 1/2 and 17/64 of its bytes over the link and change the logits (default f32)",
     )
     s.add_argument("--tensor-split", help="relative share of the model per device, e.g. 1,1,2")
     s.add_argument("--ctx", type=int, default=32768, help="KV cache size in tokens, shared by --parallel")

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field, replace
 from inference.worker import ConfigError, usable_cpus
 
 SPLIT_MODES = ("layer", "tensor", "experts", "none")
+# The type in which each RPC worker's partial sum of a layer's experts comes back in --split experts (patch
+# 0006's LLAMA_EXPERT_SPLIT_PARTIAL_TYPE): f32 is exact; f16 and q8_0 send 1/2 and 17/64 of its bytes and
+# round each partial (distributed-llama's --buffer-float-type q80 makes the same trade).
+EXPERTS_PARTIAL_TYPES = ("f32", "f16", "q8_0")
 DEFAULT_SHARDED_CACHE = "~/.cache/llmfleet/sharded"
 FLASH_ATTN_MODES = ("auto", "on", "off")
 # llama-server's --reasoning-format values that this server knows: none keeps Qwen3's <think> blocks in the
@@ -146,6 +150,7 @@ class ServeConfig:
     worker_probe_interval: float = 5.0
     rpc_timeout: float = 60.0
     sharded_cache_dir: str = DEFAULT_SHARDED_CACHE
+    experts_partial_type: str = "f32"
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # request line and headers, from connect or first byte
     body_timeout: float = DEFAULT_BODY_TIMEOUT  # a request's body, from the end of its headers
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT  # idle between requests on one connection
@@ -178,6 +183,16 @@ class ServeConfig:
         if self.split == "experts" and not self.rpc:
             raise ConfigError(
                 "--split experts puts each layer's experts on the RPC workers; give them with --rpc"
+            )
+        if self.experts_partial_type not in EXPERTS_PARTIAL_TYPES:
+            raise ConfigError(
+                f"--experts-partial-type {self.experts_partial_type!r} is not one of "
+                f"{', '.join(EXPERTS_PARTIAL_TYPES)}"
+            )
+        if self.experts_partial_type != "f32" and self.split != "experts":
+            raise ConfigError(
+                f"--experts-partial-type {self.experts_partial_type} applies to --split experts only (this is "
+                f"--split {self.split}); drop it or use --split experts"
             )
         if self.split == "tensor" and self.flash_attn == "off":
             raise ConfigError("--split tensor needs flash attention; drop --flash-attn off")

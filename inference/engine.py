@@ -226,6 +226,10 @@ class Engine:
         self.model_path = config.model
         if config.split == "experts":
             self.model_path = self._sharded_model()
+            if config.experts_partial_type != "f32":
+                # Read by patch 0006's qwen3moe graph when it first builds one; f32, its default, stays unset
+                # so that a benchmark's environment can still choose.
+                os.environ["LLAMA_EXPERT_SPLIT_PARTIAL_TYPE"] = config.experts_partial_type
         self.rpc_devices = []
         self.rpc_handles: list[tuple[str, int]] = []  # (endpoint, device handle)
         for endpoint in config.rpc:

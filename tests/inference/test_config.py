@@ -130,3 +130,50 @@ def test_a_bindable_worker_host_passes():
     assert WorkerConfig(host="127.0.0.1", port=port).validated().endpoint == f"127.0.0.1:{port}"
     assert WorkerConfig(host="127.0.0.2", port=port).validated().host == "127.0.0.2"
     assert WorkerConfig(host="0.0.0.0", port=port, allow_remote=True).validated().threads >= 1
+
+
+@pytest.mark.parametrize(
+    ("split", "partial", "words"),
+    [
+        ("experts", "bf16", ["--experts-partial-type 'bf16' is not one of f32, f16, q8_0"]),
+        ("layer", "q8_0", ["--experts-partial-type q8_0 applies to --split experts only", "--split layer"]),
+        ("none", "f16", ["applies to --split experts only", "drop it or use --split experts"]),
+    ],
+)
+def test_a_partial_type_is_refused_naming_the_option_and_the_fix(tiny_model, split, partial, words):
+    config = ServeConfig(
+        model=str(tiny_model), rpc=("127.0.0.1:50052",), split=split, experts_partial_type=partial
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.validated()
+    for word in words:
+        assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("partial", config_module.EXPERTS_PARTIAL_TYPES)
+def test_every_partial_type_passes_with_the_expert_split(tiny_model, partial):
+    config = ServeConfig(
+        model=str(tiny_model), rpc=("127.0.0.1:50052",), split="experts", experts_partial_type=partial
+    ).validated()
+    assert config.experts_partial_type == partial
+
+
+def test_serve_refuses_a_partial_type_without_the_expert_split_on_the_command_line(tiny_model):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inference",
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--experts-partial-type",
+            "f16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--experts-partial-type f16 applies to --split experts only" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import pytest
+
 from inference.netsim import Relay
 from inference.synth import SHAPES
 from inference.tokenizer import Tokenizer
@@ -33,15 +35,16 @@ def bytes_per_generated_token(
 
 @contextlib.contextmanager
 def expert_split_over_relays(
-    model, tmp_path, procs, workers: int = 2
+    model, tmp_path, procs, workers: int = 2, *extra: str
 ) -> Iterator[tuple[Server, list[Relay]]]:
-    """A head serving ``model`` in the expert split over ``workers`` loopback workers, each behind a relay."""
+    """A head serving ``model`` in the expert split over ``workers`` loopback workers, each behind a relay,
+    with ``extra`` options of ``serve``."""
     relays = [Relay(("127.0.0.1", procs(Worker, tmp_path).port)).start() for _ in range(workers)]
     try:
         yield procs(
             Server, tmp_path, model, "--rpc", ",".join(r.endpoint for r in relays), "--split", "experts",
             "--ctx", "512", "--parallel", "1", "--worker-probe-interval", "3600", "--no-cache-prompt",
-            "--sharded-cache-dir", str(tmp_path / "sharded"),
+            "--sharded-cache-dir", str(tmp_path / "sharded"), *extra,
         ), relays  # fmt: skip
     finally:
         for relay in relays:
@@ -103,3 +106,22 @@ def test_the_expert_split_fetches_one_partial_sum_a_layer_from_each_worker(tiny_
             f"{per_token:.0f} bytes per token from a worker, one partial a layer is {partial}"
         )
         assert turns <= shape.n_layer + 1, f"{turns:.2f} round trips per token, {shape.n_layer} layers"
+
+
+@pytest.mark.parametrize(("partial_type", "row_bytes"), [("f16", 256 * 2), ("q8_0", 256 // 32 * 34)])
+def test_the_expert_split_fetches_the_partials_in_the_partial_type(
+    tiny_model, tmp_path, procs, partial_type, row_bytes
+):
+    # --experts-partial-type has each worker send its partial back as f16 (half the bytes of f32) or as Q8_0
+    # blocks (34 bytes a 32 values); f32 would be 1,024 bytes a layer here and fail the bound.
+    shape = SHAPES["tiny"]
+    options = ("--experts-partial-type", partial_type)
+    with expert_split_over_relays(tiny_model, tmp_path, procs, 2, *options) as (server, relays):
+        back = bytes_per_generated_token(server, relays, "to_head", "Partials in fewer bytes")
+        status, _, body = server.complete("Partials in fewer bytes", max_tokens=8, ignore_eos=True)
+    assert status == 200 and body["usage"]["completion_tokens"] == 8, body
+    for per_token in back:
+        print(f"{per_token:.0f} bytes a token from a worker, partials as {partial_type}")
+        assert per_token < shape.n_layer * (row_bytes + 64), (
+            f"{per_token:.0f} bytes per token from a worker, a {partial_type} partial is {row_bytes} a layer"
+        )

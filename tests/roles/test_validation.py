@@ -54,6 +54,19 @@ CASES = {
         {**HEAD, "inference_head_split": "experts", "inference_head_rpc_workers": []},
         ["inference_head_split experts", "the expert split RPC workers"],
     ),
+    "head_partial_type_without_the_expert_split": (
+        "inference_head",
+        {**HEAD, "inference_head_experts_partial_type": "q8_0"},
+        [
+            "inference_head_experts_partial_type is q8_0 but inference_head_split is layer",
+            "Set inference_head_split",
+        ],
+    ),
+    "head_partial_type_unknown": (
+        "inference_head",
+        {**HEAD, "inference_head_split": "experts", "inference_head_experts_partial_type": "bf16"},
+        ["inference_head_experts_partial_type", "f32, f16, q8_0", "bf16"],
+    ),
     "head_cuda_without_a_build": (
         "inference_head",
         {**HEAD, "inference_head_backend": "cuda"},
