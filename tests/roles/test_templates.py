@@ -202,6 +202,8 @@ def test_example_inventory_passes_the_checks_and_renders(tmp_path):
     workers = ",".join(f"10.0.0.1{i}:50052" for i in range(1, 5))
     assert f"--rpc {workers}" in head["ExecStart"][0]
     assert "--alias qwen3-30b-a3b" in head["ExecStart"][0]
+    assert "--split experts " in head["ExecStart"][0]
+    assert "--sharded-cache-dir /var/lib/llmfleet/sharded --experts-partial-type f32" in head["ExecStart"][0]
     assert (
         "--degrade-target-ms-per-token 80 --degrade-window 60 --degrade-max-tokens 256 "
         in head["ExecStart"][0]
