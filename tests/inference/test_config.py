@@ -23,6 +23,17 @@ def serve_config(tiny_model, *rpc: str) -> ServeConfig:
     return ServeConfig(model=str(tiny_model), rpc=rpc).validated()
 
 
+def refused_on_the_command_line(*args: str) -> str:
+    """``python -m inference ARGS``, which must exit with argparse's usage status (2) and no traceback; its
+    standard error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "inference", *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
 @pytest.mark.parametrize("entry", ["[::1]:50052", "::1:50052", "[fd00::11]:50052", "fd00::11:50052"])
 def test_an_ipv6_rpc_entry_is_refused_naming_the_option_and_the_fix(tiny_model, entry):
     fragment = f"--rpc entry '{entry}' is an IPv6 endpoint, but ggml's RPC client connects over IPv4 only"
@@ -34,15 +45,8 @@ def test_an_ipv6_rpc_entry_is_refused_naming_the_option_and_the_fix(tiny_model, 
 
 
 def test_serve_refuses_an_ipv6_worker_on_the_command_line(tiny_model):
-    result = subprocess.run(
-        [sys.executable, "-m", "inference", "serve", "--model", str(tiny_model), "--rpc", "[::1]:50052"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "--rpc entry '[::1]:50052' is an IPv6 endpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = refused_on_the_command_line("serve", "--model", str(tiny_model), "--rpc", "[::1]:50052")
+    assert "--rpc entry '[::1]:50052' is an IPv6 endpoint" in stderr
 
 
 def test_a_worker_name_with_an_ipv4_address_is_kept_as_written(tiny_model):
@@ -95,15 +99,8 @@ def test_a_worker_host_ggml_cannot_bind_is_refused_naming_the_option_and_the_fix
 
 @pytest.mark.parametrize("host", ["::1", "localhost"])
 def test_worker_refuses_such_a_host_on_the_command_line_without_a_traceback(host):
-    result = subprocess.run(
-        [sys.executable, "-m", "inference", "worker", "--host", host, "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr
-    assert f"--host {host!r} is not an IPv4 address" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = refused_on_the_command_line("worker", "--host", host, "--port", str(free_port()))
+    assert f"--host {host!r} is not an IPv4 address" in stderr
 
 
 def test_a_worker_host_that_is_not_an_address_of_this_machine_is_refused():
@@ -159,21 +156,5 @@ def test_every_partial_type_passes_with_the_expert_split(tiny_model, partial):
 
 
 def test_serve_refuses_a_partial_type_without_the_expert_split_on_the_command_line(tiny_model):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "inference",
-            "serve",
-            "--model",
-            str(tiny_model),
-            "--experts-partial-type",
-            "f16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "--experts-partial-type f16 applies to --split experts only" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = refused_on_the_command_line("serve", "--model", str(tiny_model), "--experts-partial-type", "f16")
+    assert "--experts-partial-type f16 applies to --split experts only" in stderr
